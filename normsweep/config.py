@@ -1,0 +1,219 @@
+"""The config schema: one dataclass per config group, validated when a run starts.
+
+The YAML files in ``conf/`` fill these in. Hydra merges them into the typed schema registered
+here, so a misspelled key or a wrong type fails at start with the key's full name, and
+:meth:`__post_init__` checks (run by :func:`to_config`) reject impossible values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class NormKind(str, Enum):
+    batch = "batch"
+    group = "group"
+    layer = "layer"
+    instance = "instance"
+    none = "none"
+
+
+class Arch(str, Enum):
+    study = "study"
+    resnet = "resnet"
+
+
+class OptimizerName(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class SchedulerName(str, Enum):
+    none = "none"
+    onecycle = "onecycle"
+    cosine = "cosine"
+
+
+class DataFormat(str, Enum):
+    auto = "auto"
+    pickle = "pickle"  # ROOT/cifar-10-batches-py (torchvision's download)
+    folder = "folder"  # ROOT/train/<class>/*.jpg|png, ROOT/test/<class>/...
+
+
+class NormsweepError(Exception):
+    """A problem the user can fix (config, data, budget); its message names the key or file and the fix."""
+
+
+class ConfigError(NormsweepError, ValueError):
+    """A config value that cannot work."""
+
+
+def _fail(key: str, value, expected: str) -> None:
+    raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+@dataclass
+class NormConfig:
+    kind: NormKind = NormKind.batch
+    groups: int = 4  # GroupNorm only; must divide every layer's channels
+
+    def __post_init__(self) -> None:
+        if self.groups < 1:
+            _fail("norm.groups", self.groups, "an integer >= 1")
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = Arch.resnet
+    dropout: float = 0.0
+    widths: list[int] = field(default_factory=lambda: [16, 24, 36, 56])  # resnet: stem, stages
+    depths: list[int] = field(default_factory=lambda: [1, 1, 0])  # resnet: residual convs per stage
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("model.dropout", self.dropout, "a probability in [0, 1)")
+        if any(w < 1 for w in self.widths):
+            _fail("model.widths", self.widths, "positive channel counts")
+        if any(d < 0 for d in self.depths):
+            _fail("model.depths", self.depths, "non-negative depths")
+
+
+@dataclass
+class AugmentConfig:
+    """Batched, on-device augmentation; every transform is off at its default value."""
+
+    flip_p: float = 0.0  # horizontal flip probability
+    crop_padding: int = 0  # random crop after padding each side by this many pixels
+    rotate_deg: float = 0.0  # uniform rotation in [-deg, deg]
+    brightness: float = 0.0  # ColorJitter factors, as torchvision defines them
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.flip_p <= 1.0:
+            _fail("augment.flip_p", self.flip_p, "a probability in [0, 1]")
+        if self.crop_padding < 0:
+            _fail("augment.crop_padding", self.crop_padding, "pixels >= 0")
+        if not 0.0 <= self.rotate_deg <= 180.0:
+            _fail("augment.rotate_deg", self.rotate_deg, "degrees in [0, 180]")
+        for key in ("brightness", "contrast", "saturation"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                _fail(f"augment.{key}", getattr(self, key), "a jitter in [0, 1)")
+        if not 0.0 <= self.hue <= 0.5:
+            _fail("augment.hue", self.hue, "a hue jitter in [0, 0.5]")
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.sgd
+    lr: float = 0.01  # peak learning rate when a scheduler is used
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            _fail("optimizer.lr", self.lr, "a learning rate > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            _fail("optimizer.momentum", self.momentum, "a momentum in [0, 1)")
+        if self.weight_decay < 0:
+            _fail("optimizer.weight_decay", self.weight_decay, "a weight decay >= 0")
+        if self.nesterov and (self.name != OptimizerName.sgd or self.momentum == 0):
+            _fail("optimizer.nesterov", self.nesterov, "false unless optimizer=sgd with momentum > 0")
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.none
+    warmup_frac: float = 0.25  # onecycle: fraction of steps spent rising to the peak lr
+    final_lr_frac: float = 0.0  # cosine/onecycle: final lr as a fraction of the peak lr
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.warmup_frac < 1.0:
+            _fail("scheduler.warmup_frac", self.warmup_frac, "a fraction in (0, 1)")
+        if not 0.0 <= self.final_lr_frac <= 1.0:
+            _fail("scheduler.final_lr_frac", self.final_lr_frac, "a fraction in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # relative paths are taken from where you launch, not the job dir
+    format: DataFormat = DataFormat.auto
+    download: bool = True  # torchvision download of cifar-10-batches-py (checksum-verified)
+    cache_dir: Optional[str] = None  # decoded uint8 tensors; default ~/.cache/normsweep
+    val_size: int = 5000  # carved from the training set, deterministic (split_seed)
+    train_size: Optional[int] = None  # use only this many training images (quick runs)
+    test_size: Optional[int] = None  # use only this many test images (smoke tests)
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.val_size < 1:
+            _fail("data.val_size", self.val_size, "a count >= 1 (sweeps optimize validation accuracy)")
+        if self.train_size is not None and self.train_size < 1:
+            _fail("data.train_size", self.train_size, "a count >= 1, or null for all")
+        if self.test_size is not None and self.test_size < 1:
+            _fail("data.test_size", self.test_size, "a count >= 1, or null for all")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 20
+    batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    label_smoothing: float = 0.0
+    channels_last: bool = True  # faster convs on CPU and GPU; same numbers
+    bf16: bool = False  # bf16 autocast for forward/backward
+    threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
+    progress: bool = True  # a tqdm bar per epoch (only when attached to a terminal)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            _fail("trainer.epochs", self.epochs, "an integer >= 1")
+        if self.batch_size < 1:
+            _fail("trainer.batch_size", self.batch_size, "an integer >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            _fail("trainer.label_smoothing", self.label_smoothing, "a value in [0, 1)")
+        if self.threads is not None and self.threads < 1:
+            _fail("trainer.threads", self.threads, "an integer >= 1, or null")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            _fail("trainer.device", self.device, "auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class BudgetConfig:
+    """The study's limits; a run over them stops before training unless enforce=false."""
+
+    max_params: int = 50000
+    max_epochs: int = 20
+    enforce: bool = True
+
+
+@dataclass
+class Config:
+    norm: NormConfig = field(default_factory=NormConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+
+def register_configs() -> None:
+    """Register the schema; ``conf/train.yaml`` lists ``normsweep_schema`` first in its defaults."""
+    ConfigStore.instance().store(name="normsweep_schema", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Typed, validated :class:`Config` from a composed Hydra config (runs every ``__post_init__``)."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

@@ -1,0 +1,188 @@
+"""The training loop: device-resident data, batched augmentation, per-epoch evaluation.
+
+The whole training split lives on the device as one uint8 tensor; an epoch is a shuffled
+permutation cut into index slices, each batch augmented on the device. Metrics accumulate on
+the device and are read once per epoch (no host sync per step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .augment import augment_batch, normalize, to_float
+from .config import Config, NormsweepError, OptimizerConfig, SchedulerConfig
+from .data import Split, Splits
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(NormsweepError, RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_acc: float
+    test_acc: float
+    lr: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={name} but PyTorch sees no CUDA GPU; pass trainer.device=cpu")
+    return torch.device(name)
+
+
+def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    name = getattr(cfg.name, "value", cfg.name)
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer.name={name!r} is unknown")
+
+
+def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int) -> float:
+    """The learning rate at ``step`` as a fraction of ``optimizer.lr``."""
+    name = getattr(cfg.name, "value", cfg.name)
+    progress = step / max(total_steps, 1)
+    if name == "none":
+        return 1.0
+    if name == "cosine":
+        return cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+    if name == "onecycle":  # linear up, then linear down
+        if progress < cfg.warmup_frac:
+            return progress / cfg.warmup_frac
+        return 1.0 - (1.0 - cfg.final_lr_frac) * (progress - cfg.warmup_frac) / (1 - cfg.warmup_frac)
+    raise ValueError(f"scheduler.name={name!r} is unknown")
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def prepare_eval(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized float images and labels on ``device``, converted once for all epochs."""
+    return normalize(to_float(split.x.to(device))), split.y.to(device)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 1024, channels_last: bool = False, bf16: bool = False
+) -> torch.Tensor:
+    """Predicted class of every image in ``x`` (normalized floats), in eval mode."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(x.device, bf16):
+            preds.append(model(xb).argmax(1))
+    model.train(was_training)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64, device=x.device)
+
+
+def accuracy(preds: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * (preds == y).float().mean().item() if len(y) else float("nan")
+
+
+def train_step_loss(
+    model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass and loss of one batch; returns (loss, logits)."""
+    logits = model(xb)
+    return F.cross_entropy(logits, yb, label_smoothing=label_smoothing), logits
+
+
+def train(
+    model: nn.Module,
+    cfg: Config,
+    splits: Splits,
+    device: torch.device,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> list[EpochStats]:
+    """Train ``model`` for ``cfg.trainer.epochs`` epochs; ``on_epoch`` sees each epoch's stats."""
+    tc = cfg.trainer
+    fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model.to(device, memory_format=fmt)
+    train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
+    val_x, val_y = prepare_eval(splits.val, device)
+    test_x, test_y = prepare_eval(splits.test, device)
+    n = len(train_y)
+    steps_per_epoch = math.ceil(n / tc.batch_size)
+    total_steps = steps_per_epoch * tc.epochs
+
+    opt = make_optimizer(model.parameters(), cfg.optimizer)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.scheduler, s, total_steps))
+    gen = torch.Generator(device=device).manual_seed(tc.seed)
+
+    history: list[EpochStats] = []
+    for epoch in range(1, tc.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        perm = torch.randperm(n, generator=gen, device=device)
+        bar = tqdm(
+            range(0, n, tc.batch_size),
+            desc=f"epoch {epoch}/{tc.epochs}",
+            unit="batch",
+            leave=False,
+            disable=None if tc.progress else True,  # None: only on a terminal
+        )
+        for i in bar:
+            idx = perm[i : i + tc.batch_size]
+            xb = normalize(augment_batch(to_float(train_x[idx]), cfg.augment, gen))
+            yb = train_y[idx]
+            with _autocast(device, tc.bf16):
+                loss, logits = train_step_loss(model, xb.contiguous(memory_format=fmt), yb, tc.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach().float() * len(idx)
+            correct += (logits.argmax(1) == yb).sum()
+        train_loss = loss_sum.item() / n
+        lr = opt.param_groups[0]["lr"]
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(
+                f"training loss is {train_loss} in epoch {epoch}; lower optimizer.lr (now {cfg.optimizer.lr})"
+            )
+        val_acc = accuracy(predict(model, val_x, channels_last=tc.channels_last, bf16=tc.bf16), val_y)
+        test_acc = accuracy(predict(model, test_x, channels_last=tc.channels_last, bf16=tc.bf16), test_y)
+        stats = EpochStats(
+            epoch, train_loss, 100.0 * correct.item() / n, val_acc, test_acc, lr, time.perf_counter() - t0
+        )
+        history.append(stats)
+        log.info(
+            "epoch %2d/%d  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1fs",
+            epoch, tc.epochs, stats.train_loss, stats.train_acc, val_acc, test_acc, lr, stats.seconds,
+        )  # fmt: skip
+        if on_epoch:
+            on_epoch(stats)
+    return history

@@ -1,0 +1,63 @@
+"""Shared fixtures: small CIFAR-10-shaped datasets the tests make themselves."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from normsweep.data import CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg"
+
+
+def class_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 images (N, 32, 32, 3) whose mean colour depends on the class, and labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(CLASSES)), n_per_class)
+    base = np.random.default_rng(1234).integers(0, 256, size=(len(CLASSES), 1, 1, 3))  # same in every split
+    noise = rng.integers(-40, 41, size=(len(labels), 32, 32, 3))
+    return np.clip(base[labels] + noise, 0, 255).astype(np.uint8), labels
+
+
+def write_folder_dataset(root: Path, n_train: int = 12, n_test: int = 4, suffix: str = ".png") -> Path:
+    """ROOT/train/<class>/*.png and ROOT/test/<class>/*.png (lossless, so pixels can be compared)."""
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = class_images(n, seed)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            d = root / split / CLASSES[label]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i:05d}{suffix}")
+    return root
+
+
+def write_pickle_dataset(root: Path, n_per_batch_class: int = 2, n_test_class: int = 3) -> Path:
+    """ROOT/cifar-10-batches-py/ with five training batches and a test batch, as in CIFAR-10."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+        images, labels = class_images(n_test_class if name == "test_batch" else n_per_batch_class, 10 + k)
+        batch = {"data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1), "labels": labels.tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return root
+
+
+@pytest.fixture
+def folder_data(tmp_path: Path) -> Path:
+    return write_folder_dataset(tmp_path / "cifar_folder")
+
+
+@pytest.fixture
+def pickle_data(tmp_path: Path) -> Path:
+    return write_pickle_dataset(tmp_path / "cifar_pickle")
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"

@@ -1,0 +1,133 @@
+"""End to end through the real CLI: `python -m normsweep [-m] ...` in a subprocess.
+
+Uses ../shared/data/cifar10-jpg when it is there (as in CI), else a small dataset made here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from normsweep.job import model_from_config
+from normsweep.config import Config
+
+from .conftest import REPO, SHARED_CIFAR, write_folder_dataset
+
+pytestmark = pytest.mark.slow
+
+RESULT_KEYS = {
+    "norm", "params", "epochs", "best_val_acc", "final_val_acc", "final_test_acc", "train_seconds",
+    "seconds_per_epoch", "device", "status", "overrides", "history",
+}  # fmt: skip
+HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory) -> list[str]:
+    if SHARED_CIFAR.is_dir():
+        return [f"data.root={SHARED_CIFAR}", "data.train_size=1000", "data.val_size=500", "data.test_size=1000"]
+    root = write_folder_dataset(tmp_path_factory.mktemp("data") / "cifar", n_train=60, n_test=20)
+    cache = tmp_path_factory.mktemp("cache")
+    return [f"data.root={root}", f"data.cache_dir={cache}", "data.val_size=100"]
+
+
+def normsweep(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "normsweep", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def assert_complete(job_dir: Path, norm: str, epochs: int) -> dict:
+    res = json.loads((job_dir / "results.json").read_text())
+    assert RESULT_KEYS <= res.keys()
+    assert res["status"] == "completed" and res["error"] is None
+    assert res["norm"] == norm and res["epochs"] == epochs and len(res["history"]) == epochs
+    assert all(HISTORY_KEYS <= h.keys() for h in res["history"])
+    for key in ("best_val_acc", "final_val_acc", "final_test_acc"):
+        assert 0.0 <= res[key] <= 100.0
+    assert res["final_test_acc"] == res["history"][-1]["test_acc"]
+    assert res["train_seconds"] > 0 and res["params"] < 50_000
+    assert (job_dir / "model.pt").is_file() and (job_dir / "predictions.npz").is_file()
+    assert "Total params" in (job_dir / "model_summary.txt").read_text()
+    return res
+
+
+def test_single_run_writes_results_checkpoint_and_the_models_own_predictions(tmp_path, data_args) -> None:
+    out = tmp_path / "run"
+    proc = normsweep("norm=group", "trainer.epochs=2", "trainer.batch_size=128", *data_args, f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = assert_complete(out, "group", 2)
+    assert "norm=group" in res["overrides"] and res["choices"]["norm"] == "group"
+    assert "epoch  2/2" in proc.stdout + proc.stderr  # per-epoch progress line
+    assert "47,600" in proc.stdout + proc.stderr  # parameter count printed at start
+
+    # The saved predictions are the saved model's: reload it, predict, compare.
+    from hydra.utils import instantiate  # noqa: F401  (hydra importable in the test env)
+    from omegaconf import OmegaConf
+
+    from normsweep.data import load_raw, make_splits
+    from normsweep.train import predict, prepare_eval
+
+    ckpt = torch.load(out / "model.pt", weights_only=False)
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"]))
+    model = model_from_config(cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    d = cfg.data
+    splits = make_splits(load_raw(d.root, d.format.value, False, d.cache_dir), d.val_size, d.train_size, d.test_size)
+    x, y = prepare_eval(splits.test, torch.device("cpu"))
+    preds = np.load(out / "predictions.npz")
+    assert np.array_equal(preds["pred"], predict(model, x).numpy())
+    assert np.array_equal(preds["target"], y.numpy())
+    assert abs(100 * (preds["pred"] == preds["target"]).mean() - res["final_test_acc"]) < 1e-6
+
+
+def test_multirun_over_three_norms_writes_three_complete_jobs(tmp_path, data_args) -> None:
+    sweep = tmp_path / "multirun"
+    proc = normsweep("-m", "norm=batch,group,layer", "trainer.epochs=1", *data_args, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 3
+    for i, (job, norm) in enumerate(zip(jobs, ["batch", "group", "layer"])):
+        assert job.name.startswith(f"{i}_") and f"norm={norm}" in job.name and "data.root" not in job.name
+        assert_complete(job, norm, 1)
+
+
+def test_cfg_job_shows_the_composed_config_and_help_lists_groups() -> None:
+    proc = normsweep("--cfg", "job", "norm=layer", "optimizer.lr=0.05")
+    assert proc.returncode == 0, proc.stderr
+    assert "kind: layer" in proc.stdout and "lr: 0.05" in proc.stdout
+    proc = normsweep("--help")
+    assert proc.returncode == 0
+    for line in ("norm: batch, group, instance, layer, none", "augment: crop_flip, none, seed",
+                 "optimizer: adam, adamw, sgd", "scheduler: cosine, none, onecycle", "experiment: seed"):  # fmt: skip
+        assert line in proc.stdout
+
+
+def test_over_budget_run_stops_before_training_and_records_why(tmp_path, data_args) -> None:
+    out = tmp_path / "big"
+    proc = normsweep("model.widths=[32,64,96,128]", *data_args, f"hydra.run.dir={out}")
+    assert proc.returncode != 0
+    assert "over budget.max_params=50,000" in proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "failed" and "BudgetError" in res["error"] and res["history"] == []
+
+
+def test_bad_value_fails_at_start_naming_the_key(tmp_path) -> None:
+    proc = normsweep("model.dropout=1.5", f"hydra.run.dir={tmp_path / 'x'}")
+    assert proc.returncode != 0 and "model.dropout=1.5 is invalid" in proc.stderr
+    proc = normsweep("trainer.batchsize=64", f"hydra.run.dir={tmp_path / 'y'}")
+    assert proc.returncode != 0 and "batchsize" in proc.stderr
+
+
+def test_missing_data_root_explains_how_to_get_data(tmp_path) -> None:
+    proc = normsweep(f"data.root={tmp_path / 'none'}", "data.download=false", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode != 0
+    assert "has no 'cifar-10-batches-py/' or 'train/'" in proc.stderr and "data.root=PATH" in proc.stderr
