@@ -138,8 +138,11 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
     from hydra.utils import to_absolute_path
 
     d = cfg.data
-    raw = load_raw(to_absolute_path(d.root), d.format.value, d.download, d.cache_dir and to_absolute_path(d.cache_dir))
+    record["data_root"] = to_absolute_path(d.root)
+    raw = load_raw(record["data_root"], d.format.value, d.download, d.cache_dir and to_absolute_path(d.cache_dir))
     splits = make_splits(raw, d.val_size, d.train_size, d.test_size, d.split_seed)
+    record["classes"] = list(splits.classes)
+    del raw  # the splits hold copies; free the full set
     log.info(
         "data: %d train, %d val, %d test images from %s; device %s",
         len(splits.train), len(splits.val), len(splits.test), d.root, record["device"],

@@ -93,11 +93,48 @@ def test_multirun_over_three_norms_writes_three_complete_jobs(tmp_path, data_arg
     sweep = tmp_path / "multirun"
     proc = normsweep("-m", "norm=batch,group,layer", "trainer.epochs=1", *data_args, f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 3
     for i, (job, norm) in enumerate(zip(jobs, ["batch", "group", "layer"])):
         assert job.name.startswith(f"{i}_") and f"norm={norm}" in job.name and "data.root" not in job.name
         assert_complete(job, norm, 1)
+
+    # The sweep's report, written by the on_multirun_end callback.
+    import pandas as pd
+
+    table = pd.read_csv(sweep / "results.csv")
+    assert sorted(table["norm"]) == ["batch", "group", "layer"] and (table["status"] == "completed").all()
+    assert (sweep / "results.md").read_text().count("| completed |") == 3
+    assert "final_test_acc" in proc.stdout + proc.stderr  # the table is printed at the end
+    for name in ("loss.png", "accuracy.png", "test_accuracy.png"):
+        assert (sweep / "plots" / name).stat().st_size > 10_000
+    for job in jobs:
+        assert (sweep / "plots" / job.name / "confusion.png").stat().st_size > 10_000
+        assert (sweep / "plots" / job.name / "mispredicted.png").stat().st_size > 10_000
+        assert_grid_shows_only_mispredicted(job)
+
+
+def assert_grid_shows_only_mispredicted(job: Path) -> None:
+    """Every image in the misprediction grid is one the *saved, trained* model gets wrong."""
+    from omegaconf import OmegaConf
+
+    from normsweep.data import load_raw
+    from normsweep.plots import mispredicted
+    from normsweep.train import predict, prepare_eval
+    from normsweep.data import Split
+
+    index, target, pred = mispredicted(job)
+    assert len(index) > 0
+    ckpt = torch.load(job / "model.pt", weights_only=False)
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"]))
+    model = model_from_config(cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    res = json.loads((job / "results.json").read_text())
+    raw = load_raw(res["data_root"], cache_dir=cfg.data.cache_dir)
+    x, y = prepare_eval(Split(raw.test_x[index], raw.test_y[index], torch.as_tensor(index)), torch.device("cpu"))
+    assert np.array_equal(y.numpy(), target)
+    model_pred = predict(model, x).numpy()
+    assert np.array_equal(model_pred, pred) and (model_pred != target).all()
 
 
 def test_cfg_job_shows_the_composed_config_and_help_lists_groups() -> None:

@@ -1,0 +1,194 @@
+"""The figures of a sweep (matplotlib, PNG, in ``SWEEP_DIR/plots/``).
+
+* ``loss.png``               training loss per epoch, every run on one figure, one colour per norm;
+* ``accuracy.png``           validation and test accuracy per epoch, same style;
+* ``test_accuracy.png``      final test accuracy per configuration, error bars over seeds;
+* ``<job>/mispredicted.png`` test images the run's *trained* model gets wrong (from its saved
+  predictions), with true and predicted class;
+* ``<job>/confusion.png``    the test-set confusion matrix.
+
+Runs that differ only by seed share a colour: their mean is drawn with a band of ± one std.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .data import CLASSES  # noqa: E402
+from .results import PREDICTIONS_FILE, RESULTS_FILE  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+NORM_COLOURS = {"batch": "tab:blue", "group": "tab:orange", "layer": "tab:green", "instance": "tab:purple",
+                "none": "tab:gray"}  # fmt: skip
+
+
+def run_label(df: pd.DataFrame) -> pd.Series:
+    """A legend label per run: its norm plus every other setting that varies (seed excluded)."""
+    from .report import SETTINGS, _varying
+
+    varying = _varying(df, [c for c, _ in SETTINGS if c not in ("norm", "seed")])
+    return df.apply(lambda r: " ".join([str(r["norm"])] + [f"{c}={r[c]}" for c in varying]), axis=1)
+
+
+def _histories(paths: list[Path]) -> list[pd.DataFrame]:
+    out = []
+    for p in paths:
+        try:
+            out.append(pd.DataFrame(json.loads((p / RESULTS_FILE).read_text())["history"]))
+        except (OSError, ValueError, KeyError):
+            out.append(pd.DataFrame())
+    return out
+
+
+def _curves(ax, df: pd.DataFrame, labels: pd.Series, metric: str) -> None:
+    hist = _histories([Path(p) for p in df["path"]])
+    for label in dict.fromkeys(labels):
+        runs = [h for h, lab in zip(hist, labels) if lab == label and metric in h]
+        if not runs:
+            continue
+        norm = label.split()[0]
+        colour = NORM_COLOURS.get(norm) if labels.str.split().str[0].nunique() == labels.nunique() else None
+        table = pd.concat([h.set_index("epoch")[metric] for h in runs], axis=1)
+        mean = table.mean(axis=1)
+        line = ax.plot(mean.index, mean.values, label=f"{label} (n={len(runs)})" if len(runs) > 1 else label,
+                       color=colour, marker="o", markersize=3)  # fmt: skip
+        if len(runs) > 1:
+            std = table.std(axis=1).fillna(0)
+            ax.fill_between(mean.index, mean - std, mean + std, color=line[0].get_color(), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
+    labels = run_label(df)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _curves(ax, df, labels, "train_loss")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss per epoch")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, metric, name in zip(axes, ["val_acc", "test_acc"], ["validation", "test"]):
+        _curves(ax, df, labels, metric)
+        ax.set_title(f"{name.capitalize()} accuracy per epoch")
+        ax.set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+    return [out / "loss.png", out / "accuracy.png"]
+
+
+def plot_test_accuracy_bars(df: pd.DataFrame, out: Path) -> Path:
+    done = df[df["status"] == "completed"].assign(label=run_label(df))
+    stats = done.groupby("label", sort=False)["final_test_acc"].agg(["mean", "std", "count"]).sort_values("mean")
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(stats) + 1.5))
+    colours = [NORM_COLOURS.get(lab.split()[0], "tab:gray") for lab in stats.index]
+    ax.barh(stats.index, stats["mean"], xerr=stats["std"].fillna(0), color=colours, capsize=4)
+    for y, (m, n) in enumerate(zip(stats["mean"], stats["count"])):
+        ax.text(m + 0.3, y, f"{m:.1f}%" + (f" (n={n})" if n > 1 else ""), va="center", fontsize=8)
+    ax.axvline(70, color="k", linestyle="--", linewidth=0.8, label="70% target")
+    ax.set_xlim(max(0, stats["mean"].min() - 15) if len(stats) else 0, 100)
+    ax.set_xlabel("final test accuracy (%)")
+    ax.set_title("Final test accuracy per configuration")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "test_accuracy.png", dpi=120)
+    plt.close(fig)
+    return out / "test_accuracy.png"
+
+
+def mispredicted(job_dir: Path, k: int = 25, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(test-set index, true class, predicted class) of ``k`` test images the run got wrong.
+
+    Read from the run's saved predictions (its trained model's), sampled across the whole test set.
+    """
+    p = np.load(job_dir / PREDICTIONS_FILE)
+    wrong = np.flatnonzero(p["pred"] != p["target"])
+    if len(wrong) > k:
+        wrong = np.sort(np.random.default_rng(seed).choice(wrong, k, replace=False))
+    return p["index"][wrong], p["target"][wrong], p["pred"][wrong]
+
+
+def _test_images(result: dict) -> tuple[np.ndarray, tuple[str, ...]]:
+    from .data import load_raw
+
+    d = result["config"]["data"]
+    raw = load_raw(result.get("data_root") or d["root"], d["format"], False, d.get("cache_dir"))
+    return raw.test_x.permute(0, 2, 3, 1).numpy(), raw.classes
+
+
+def plot_mispredicted(job_dir: Path, out: Path, k: int = 25) -> Path:
+    result = json.loads((job_dir / RESULTS_FILE).read_text())
+    images, classes = _test_images(result)
+    index, target, pred = mispredicted(job_dir, k)
+    cols = 5
+    rows = max(1, int(np.ceil(len(index) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, i, t, p in zip(np.ravel(axes), index, target, pred):
+        ax.imshow(images[i], interpolation="nearest")
+        ax.set_title(f"true: {classes[t]}\npred: {classes[p]}", fontsize=8, color="tab:red")
+    fig.suptitle(f"Mispredicted test images — {result['norm']} norm, test acc {result['final_test_acc']:.1f}%")
+    fig.tight_layout()
+    fig.savefig(out / "mispredicted.png", dpi=110)
+    plt.close(fig)
+    return out / "mispredicted.png"
+
+
+def plot_confusion(job_dir: Path, out: Path, classes: tuple[str, ...]) -> Path:
+    p = np.load(job_dir / PREDICTIONS_FILE)
+    n = len(classes)
+    matrix = np.zeros((n, n), dtype=np.int64)
+    np.add.at(matrix, (p["target"], p["pred"]), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for t in range(n):
+        for q in range(n):
+            ax.text(q, t, matrix[t, q], ha="center", va="center", fontsize=7,
+                    color="white" if matrix[t, q] > matrix.max() / 2 else "black")  # fmt: skip
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(f"Test confusion matrix — {job_dir.name}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=110)
+    plt.close(fig)
+    return out / "confusion.png"
+
+
+def write_plots(df: pd.DataFrame, sweep_dirs: list[Path], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = plot_curves(df, out)
+    if (df["status"] == "completed").any():
+        written.append(plot_test_accuracy_bars(df, out))
+    for path in df.loc[df["status"] == "completed", "path"].map(Path):
+        if not (path / PREDICTIONS_FILE).exists():
+            continue
+        run_out = out / path.name
+        run_out.mkdir(exist_ok=True)
+        try:
+            written.append(plot_mispredicted(path, run_out))
+            classes = json.loads((path / RESULTS_FILE).read_text()).get("classes") or CLASSES
+            written.append(plot_confusion(path, run_out, tuple(classes)))
+        except Exception as e:  # missing data for the images: the other plots still count
+            log.warning("per-run plots for %s not written: %s: %s", path, type(e).__name__, e)
+    return written
+

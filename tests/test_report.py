@@ -1,0 +1,133 @@
+"""The comparison table and plots, on sweep directories built here from known results.json files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from normsweep.report import ReportError, collect, main, write_report
+
+
+def config(norm: str, seed: int, lr: float = 0.2) -> dict:
+    return {
+        "norm": {"kind": norm, "groups": 4},
+        "model": {"arch": "resnet", "dropout": 0.0},
+        "optimizer": {"name": "sgd", "lr": lr, "weight_decay": 5e-4},
+        "scheduler": {"name": "onecycle"},
+        "trainer": {"batch_size": 512, "label_smoothing": 0.1, "epochs": 2, "seed": seed},
+        "data": {"root": "unused", "format": "auto", "train_size": None},
+    }
+
+
+def write_run(job: Path, norm: str, seed: int, test: float, val: float, status: str = "completed", error=None) -> None:
+    job.mkdir(parents=True)
+    history = [
+        {"epoch": 1, "train_loss": 2.0, "train_acc": 30.0, "val_acc": val - 10, "test_acc": test - 10, "lr": 0.1, "seconds": 3.0},
+        {"epoch": 2, "train_loss": 1.5, "train_acc": 50.0, "val_acc": val, "test_acc": test, "lr": 0.0, "seconds": 5.0},
+    ]  # fmt: skip
+    res = {
+        "status": status, "error": error, "norm": norm, "params": 47600, "epochs": 2,
+        "epochs_completed": 2 if status == "completed" else 1,
+        "best_val_acc": val, "final_val_acc": val, "final_test_acc": test if status == "completed" else None,
+        "final_train_loss": 1.5, "seconds_per_epoch": 4.0, "overrides": [f"norm={norm}", f"trainer.seed={seed}"],
+        "choices": {"augment": "crop_flip"}, "config": config(norm, seed),
+        "history": history if status == "completed" else history[:1],
+    }  # fmt: skip
+    (job / "results.json").write_text(json.dumps(res))
+    n = 20
+    target = np.arange(n) % 10
+    pred = target.copy()
+    pred[: n // 4] = (pred[: n // 4] + 1) % 10
+    np.savez(job / "predictions.npz", index=np.arange(n), target=target, pred=pred)
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    s = tmp_path / "sweep"
+    write_run(s / "0_norm=batch,trainer.seed=0", "batch", 0, test=80.0, val=81.0)
+    write_run(s / "1_norm=batch,trainer.seed=1", "batch", 1, test=82.0, val=83.0)
+    write_run(s / "2_norm=layer,trainer.seed=0", "layer", 0, test=75.0, val=76.0)
+    write_run(s / "3_norm=layer,trainer.seed=1", "layer", 1, test=78.0, val=77.0)
+    write_run(s / "4_norm=group,trainer.seed=0", "group", 0, test=0, val=20.0, status="failed",
+              error="NonFiniteLossError: training loss is nan in epoch 1\nTraceback ...")  # fmt: skip
+    unfinished = s / "5_norm=group,trainer.seed=1" / ".hydra"  # killed before its first results.json
+    unfinished.mkdir(parents=True)
+    (unfinished / "overrides.yaml").write_text("- norm=group\n- trainer.seed=1\n")
+    (unfinished / "config.yaml").write_text(json.dumps(config("group", 1)))
+    return s
+
+
+def test_table_has_a_row_per_run_sorted_by_test_accuracy_with_failures_listed(sweep: Path) -> None:
+    df = collect([sweep])
+    assert len(df) == 6
+    assert df["final_test_acc"].tolist()[:4] == [82.0, 80.0, 78.0, 75.0]
+    assert df["norm"].tolist() == ["batch", "batch", "layer", "layer", "group", "group"]
+    assert df["seed"].tolist()[:4] == [1, 0, 1, 0]
+    failed = df[df["status"] == "failed"].iloc[0]
+    assert failed["error"] == "NonFiniteLossError: training loss is nan in epoch 1"
+    unfinished = df[df["status"] == "unfinished"].iloc[0]
+    assert unfinished["norm"] == "group" and unfinished["seed"] == 1
+    assert {"augment", "optimizer", "lr", "dropout", "batch_size", "params", "final_train_loss"} <= set(df.columns)
+
+
+def test_csv_and_markdown_are_written_with_exact_values(sweep: Path) -> None:
+    write_report([sweep], plots=False)
+    csv = pd.read_csv(sweep / "results.csv")
+    assert csv["final_test_acc"].tolist()[:4] == [82.0, 80.0, 78.0, 75.0]
+    assert csv["status"].tolist() == ["completed"] * 4 + ["failed", "unfinished"]
+    md = (sweep / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("|")][2:]  # after header and rule
+    assert len(rows) == 6
+    assert "| 1_norm=batch,trainer.seed=1 | batch" in rows[0] and "82.00" in rows[0]
+    assert "failed" in rows[4] and "NonFiniteLossError" in rows[4]
+    assert "lr=0.2" in md  # settings shared by every run are stated once above the table
+
+
+def test_runs_differing_only_by_seed_are_grouped_with_mean_std_and_n(sweep: Path) -> None:
+    write_report([sweep], plots=False)
+    g = pd.read_csv(sweep / "results_by_config.csv")
+    assert g["norm"].tolist() == ["batch", "layer"]  # failed/unfinished runs are not averaged
+    batch, layer = g.iloc[0], g.iloc[1]
+    assert (batch["final_test_acc_mean"], layer["final_test_acc_mean"]) == (81.0, 76.5)
+    assert batch["final_test_acc_std"] == pytest.approx(np.std([80.0, 82.0], ddof=1))
+    assert layer["best_val_acc_std"] == pytest.approx(np.std([76.0, 77.0], ddof=1))
+    assert batch["n"] == 2 and layer["n"] == 2
+    md = (sweep / "results_by_config.md").read_text()
+    assert "81.00 ± 1.41" in md and "76.50 ± 2.12" in md
+
+
+def test_no_grouped_table_without_repeated_seeds(tmp_path: Path) -> None:
+    write_run(tmp_path / "s" / "0", "batch", 0, 80.0, 81.0)
+    write_run(tmp_path / "s" / "1", "layer", 0, 70.0, 71.0)
+    write_report([tmp_path / "s"], plots=False)
+    assert (tmp_path / "s" / "results.csv").exists() and not (tmp_path / "s" / "results_by_config.csv").exists()
+
+
+def test_several_sweep_directories_merge_into_one_table(tmp_path: Path) -> None:
+    write_run(tmp_path / "a" / "0", "batch", 0, 80.0, 81.0)
+    write_run(tmp_path / "b" / "0", "group", 0, 79.0, 80.0)
+    df = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "merged", plots=False)
+    assert df["norm"].tolist() == ["batch", "group"]
+    assert (tmp_path / "merged" / "results.md").exists()
+
+
+def test_empty_directory_gives_a_clear_message(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no runs under .*empty"):
+        collect([tmp_path / "empty"])
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no runs under" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_curves_and_bars_are_drawn(sweep: Path) -> None:
+    write_report([sweep])
+    for name in ("loss.png", "accuracy.png", "test_accuracy.png"):
+        path = sweep / "plots" / name
+        assert path.stat().st_size > 10_000, name
+    assert (sweep / "results.csv").exists()  # per-run image plots need the data: skipped, tables kept
