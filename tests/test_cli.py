@@ -152,19 +152,21 @@ def test_over_budget_run_stops_before_training_and_records_why(tmp_path, data_ar
     out = tmp_path / "big"
     proc = normsweep("model.widths=[32,64,96,128]", *data_args, f"hydra.run.dir={out}")
     assert proc.returncode != 0
-    assert "over budget.max_params=50,000" in proc.stderr
+    assert "over budget.max_params=50,000" in proc.stdout + proc.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "failed" and "BudgetError" in res["error"] and res["history"] == []
 
 
 def test_bad_value_fails_at_start_naming_the_key(tmp_path) -> None:
     proc = normsweep("model.dropout=1.5", f"hydra.run.dir={tmp_path / 'x'}")
-    assert proc.returncode != 0 and "model.dropout=1.5 is invalid" in proc.stderr
+    assert proc.returncode == 2 and "model.dropout=1.5 is invalid" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr  # a fixable problem is a message, not a traceback
     proc = normsweep("trainer.batchsize=64", f"hydra.run.dir={tmp_path / 'y'}")
     assert proc.returncode != 0 and "batchsize" in proc.stderr
 
 
 def test_missing_data_root_explains_how_to_get_data(tmp_path) -> None:
     proc = normsweep(f"data.root={tmp_path / 'none'}", "data.download=false", f"hydra.run.dir={tmp_path / 'r'}")
-    assert proc.returncode != 0
-    assert "has no 'cifar-10-batches-py/' or 'train/'" in proc.stderr and "data.root=PATH" in proc.stderr
+    assert proc.returncode == 2
+    out = proc.stdout + proc.stderr
+    assert "has no 'cifar-10-batches-py/' or 'train/'" in out and "data.root=PATH" in out
