@@ -17,12 +17,22 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return run(cfg)
-    except NormsweepError:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra records this job as failed and runs the others
-        sys.exit(2)  # a problem the user can fix: run() logged its message; no traceback
+    except KeyboardInterrupt:
+        if multirun:
+            raise  # stops the sweep; finished jobs keep their results
+        sys.exit(130)  # run() logged how to resume
+    except Exception as e:
+        if multirun:
+            # run() recorded the failure in results.json and the log. Returning (not raising) lets
+            # the other jobs run and the end-of-sweep report list this one; the report's callback
+            # makes the sweep exit non-zero.
+            return float("nan")
+        if isinstance(e, NormsweepError):
+            sys.exit(2)  # a problem the user can fix: run() logged its message; no traceback
+        raise
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import signal
 import socket
 import time
 import traceback
@@ -15,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
@@ -22,7 +24,7 @@ from . import results
 from .config import Config, NormsweepError, to_config
 from .data import load_raw, make_splits
 from .models import build_model, count_params
-from .train import EpochStats, predict, prepare_eval, resolve_device, train
+from .train import CheckpointError, EpochStats, predict, prepare_eval, resolve_device, train
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,68 @@ def _choices() -> dict:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT): stop, keep the last epoch's checkpoint, say how to resume."""
+
+
+# Keys that may change between an interrupted run and its resumption without changing its results.
+RESUME_IGNORED = ("trainer.progress", "trainer.threads", "data.cache_dir", "data.root", "data.download", "budget.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ between two run configs, ignoring those that do not affect results."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith(RESUME_IGNORED))
+
+
+def _previous_result(out: Path, config: dict) -> dict | None:
+    """The completed result in ``out`` for this same config, if any; refuses a different config."""
+    path = out / results.RESULTS_FILE
+    if not path.exists():
+        return None
+    try:
+        previous = results.read_results(out)
+    except ValueError:
+        return None  # unreadable: treat the run as not done; it will be rewritten
+    diff = config_differences(previous.get("config") or {}, config)
+    if diff and (previous.get("status") == "completed" or (out / results.TRAINING_STATE_FILE).exists()):
+        raise CheckpointError(
+            f"{out.resolve()} already holds a run with another config (differs in {', '.join(diff)}); "
+            f"pass another hydra.run.dir / hydra.sweep.dir, or delete that directory"
+        )
+    return previous if previous.get("status") == "completed" else None
+
+
+def _resume_hint(out: Path) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"run the same command with hydra.sweep.dir={HydraConfig.get().sweep.dir} to resume"
+    return f"run the same command with hydra.run.dir={out.resolve()} to resume"
+
+
 def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
-    """Train one model as ``dcfg`` says, write its outputs to ``out_dir``; return final val accuracy."""
+    """Train one model as ``dcfg`` says, write its outputs to ``out_dir``; return final val accuracy.
+
+    A directory that already holds this run completed is left as it is (its final validation
+    accuracy is returned); one that holds a checkpoint resumes from it.
+    """
     out = Path(out_dir)
+    config = OmegaConf.to_container(dcfg, resolve=True, enum_to_str=True)
+    previous = _previous_result(out, config)
+    if previous is not None:
+        log.info("%s already holds this run, completed: skipping it (delete it to run again)", out.resolve())
+        return float(previous["final_val_acc"])
     record: dict = {
         "status": "running",
         "error": None,
@@ -102,23 +163,35 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         "seconds_per_epoch": None,
         "device": None,
         "overrides": _overrides(),
-        "config": OmegaConf.to_container(dcfg, resolve=True, enum_to_str=True),
+        "config": config,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "history": [],
     }
+    def on_sigterm(signum, frame):
+        raise RunInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return _run(to_config(dcfg), out, record)
     except BaseException as e:  # record why, then let Hydra report it
-        record["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        record["error"] = f"{type(e).__name__}: {e}"
-        record["traceback"] = traceback.format_exc()
         record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if isinstance(e, KeyboardInterrupt):
+            record["status"] = "interrupted"
+            done = record["epochs_completed"]
+            record["error"] = f"{type(e).__name__}: {e or 'Ctrl-C'} after epoch {done}; {_resume_hint(out)}"
+            log.error("run interrupted after epoch %d of %d; %s", done, record["epochs"], _resume_hint(out))
+        else:
+            record["status"] = "failed"
+            record["error"] = f"{type(e).__name__}: {e}"
+            record["traceback"] = traceback.format_exc()
+            log.error("run failed: %s", e if isinstance(e, NormsweepError) else record["error"])
         results.write_json(out / results.RESULTS_FILE, record)
-        log.error("run %s: %s", record["status"], e if isinstance(e, NormsweepError) else record["error"])
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _run(cfg: Config, out: Path, record: dict) -> float:
@@ -148,9 +221,9 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
         len(splits.train), len(splits.val), len(splits.test), d.root, record["device"],
     )  # fmt: skip
 
-    def on_epoch(stats: EpochStats) -> None:
-        h = record["history"]
-        h.append(stats.as_dict())
+    def on_epoch(history: list[EpochStats]) -> None:
+        stats = history[-1]
+        h = record["history"] = [e.as_dict() for e in history]
         best = max(h, key=lambda e: e["val_acc"])
         record.update(
             epochs_completed=stats.epoch,
@@ -165,16 +238,18 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
         results.write_json(out / results.RESULTS_FILE, record)
 
     t0 = time.perf_counter()
-    train(model, cfg, splits, device, on_epoch)
+    state_file = out / results.TRAINING_STATE_FILE
+    train(model, cfg, splits, device, on_epoch, checkpoint=state_file, config_record=record["config"])
     log.info("trained in %.1fs", time.perf_counter() - t0)
 
     test_x, test_y = prepare_eval(splits.test, device)
     preds = predict(model, test_x, channels_last=cfg.trainer.channels_last, bf16=cfg.trainer.bf16)
     results.save_predictions(out / results.PREDICTIONS_FILE, splits.test.index, test_y, preds)
-    results.save_checkpoint(out / results.CHECKPOINT_FILE, model, record["config"], splits.classes)
+    results.save_model(out / results.MODEL_FILE, model, record["config"], splits.classes)
     record["status"] = "completed"
     record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results.write_json(out / results.RESULTS_FILE, record)
+    state_file.unlink(missing_ok=True)  # results.json now says completed; the resume state is spent
     log.info(
         "done: %s norm, %s params, final test %.2f%%, best val %.2f%% (epoch %d), %.1fs/epoch -> %s",
         record["norm"], f"{params:,}", record["final_test_acc"], record["best_val_acc"], record["best_epoch"],

@@ -217,6 +217,13 @@ class ReportCallback(Callback):
             log.error("could not write the sweep report for %s: %s", sweep_dir, e)
             return
         log.info("sweep report: %s/results.md\n%s", sweep_dir, print_table(df))
+        bad = df[df["status"] != "completed"]
+        if len(bad):
+            log.error(
+                "%d of %d runs did not complete (%s); see %s/results.md",
+                len(bad), len(df), ", ".join(sorted(set(bad["status"]))), sweep_dir,
+            )  # fmt: skip
+            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

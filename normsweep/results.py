@@ -2,6 +2,7 @@
 
 * ``results.json``     - the run's record: config, metrics, per-epoch history, status;
 * ``model.pt``         - the final model's state_dict with the config that built it;
+* ``checkpoint.pt``    - while training: everything needed to resume after the last finished epoch;
 * ``predictions.npz``  - test-set predictions of the final model (index, target, pred);
 * ``model_summary.txt``- the per-layer summary and parameter count.
 """
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 RESULTS_FILE = "results.json"
-CHECKPOINT_FILE = "model.pt"
+MODEL_FILE = "model.pt"
+TRAINING_STATE_FILE = "checkpoint.pt"  # resume state, rewritten every epoch, removed when the run completes
 PREDICTIONS_FILE = "predictions.npz"
 SUMMARY_FILE = "model_summary.txt"
 
@@ -49,7 +51,7 @@ def read_results(job_dir: str | Path) -> dict:
     return json.loads((Path(job_dir) / RESULTS_FILE).read_text())
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, classes: tuple[str, ...]) -> None:
+def save_model(path: str | Path, model: torch.nn.Module, config: dict, classes: tuple[str, ...]) -> None:
     blob = {"state_dict": model.state_dict(), "config": config, "classes": list(classes)}
     atomic_write(path, lambda tmp: torch.save(blob, tmp))
 

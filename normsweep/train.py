@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from .augment import augment_batch, normalize, to_float
 from .config import Config, NormsweepError, OptimizerConfig, SchedulerConfig
 from .data import Split, Splits
+from .results import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +121,56 @@ def train_step_loss(
     return F.cross_entropy(logits, yb, label_smoothing=label_smoothing), logits
 
 
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: Path, model, opt, sched, gen: torch.Generator, history: list[EpochStats], config: dict) -> None:
+    """Everything needed to continue training exactly where it stopped, written atomically."""
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "epoch": history[-1].epoch,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "history": [h.as_dict() for h in history],
+        "config": config,
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        return state
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot resume from {path}: {type(e).__name__}: {e}; delete it to start this run afresh"
+        ) from e
+
+
+class CheckpointError(NormsweepError, RuntimeError):
+    """A checkpoint that cannot be resumed from."""
+
+
 def train(
     model: nn.Module,
     cfg: Config,
     splits: Splits,
     device: torch.device,
-    on_epoch: Callable[[EpochStats], None] | None = None,
+    on_epoch: Callable[[list[EpochStats]], None] | None = None,
+    checkpoint: Path | None = None,
+    config_record: dict | None = None,
 ) -> list[EpochStats]:
-    """Train ``model`` for ``cfg.trainer.epochs`` epochs; ``on_epoch`` sees each epoch's stats."""
+    """Train ``model`` for ``cfg.trainer.epochs`` epochs.
+
+    ``on_epoch`` sees the history after each epoch. With ``checkpoint``, the full training state
+    is saved there after every epoch, and training resumes from it when it exists.
+    """
     tc = cfg.trainer
     fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
@@ -142,7 +186,18 @@ def train(
     gen = torch.Generator(device=device).manual_seed(tc.seed)
 
     history: list[EpochStats] = []
-    for epoch in range(1, tc.epochs + 1):
+    if checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history = [EpochStats(**h) for h in state["history"]]
+        log.info("resuming from %s after epoch %d of %d", checkpoint, state["epoch"], tc.epochs)
+    for epoch in range(len(history) + 1, tc.epochs + 1):
         t0 = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -179,10 +234,12 @@ def train(
             epoch, train_loss, 100.0 * correct.item() / n, val_acc, test_acc, lr, time.perf_counter() - t0
         )
         history.append(stats)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, opt, sched, gen, history, config_record or {})
         log.info(
             "epoch %2d/%d  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1fs",
             epoch, tc.epochs, stats.train_loss, stats.train_acc, val_acc, test_acc, lr, stats.seconds,
         )  # fmt: skip
         if on_epoch:
-            on_epoch(stats)
+            on_epoch(history)
     return history
