@@ -198,6 +198,29 @@ class BudgetConfig:
 
 
 @dataclass
+class SearchConfig:
+    n_trials: int = 20  # total finished trials per study (a resumed search runs only the missing ones)
+    seed: int = 0  # TPE sampler seed
+    storage: Optional[str] = None  # SQLAlchemy URL or journal:PATH; default sqlite:///optuna/normsweep.db
+    study_name: Optional[str] = None  # default: derived from the fixed overrides, one per grid point
+    pruner: str = "median"  # median | none | threshold
+    prune_below: float = 0.0  # threshold pruner: prune when validation accuracy is below this
+    pruner_startup_trials: int = 3  # median pruner: trials that are never pruned
+    max_failure_rate: float = 0.5
+    params: dict[str, str] = field(
+        default_factory=lambda: {"model.dropout": "interval(0.0, 0.2)", "optimizer.lr": "tag(log, interval(1e-3, 1.0))"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 1:
+            _fail("search.n_trials", self.n_trials, "an integer >= 1")
+        if self.pruner not in ("median", "none", "threshold"):
+            _fail("search.pruner", self.pruner, "median, none or threshold")
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            _fail("search.max_failure_rate", self.max_failure_rate, "a fraction in [0, 1]")
+
+
+@dataclass
 class Config:
     norm: NormConfig = field(default_factory=NormConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -207,6 +230,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    search: Optional[SearchConfig] = None  # set by search=optuna; read by the sweeper
 
 
 def register_configs() -> None:

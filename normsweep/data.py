@@ -221,7 +221,7 @@ def source_fingerprint(root: Path, fmt: str) -> str:
 def _checksum(raw: RawCIFAR) -> str:
     h = hashlib.sha256()
     for t in (raw.train_x, raw.train_y, raw.test_x, raw.test_y):
-        h.update(t.numpy().tobytes())
+        h.update(t.contiguous().numpy())  # hashes the buffer in place, no copy
     h.update(",".join(raw.classes).encode())
     return h.hexdigest()
 

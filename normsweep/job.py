@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
-from . import results
+from . import results, search
 from .config import Config, NormsweepError, to_config
 from .data import load_raw, make_splits
 from .models import build_model, count_params
@@ -163,6 +163,7 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         "seconds_per_epoch": None,
         "device": None,
         "overrides": _overrides(),
+        "trial": search.ACTIVE_TRIAL.number if search.ACTIVE_TRIAL else None,
         "config": config,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
@@ -178,7 +179,11 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         return _run(to_config(dcfg), out, record)
     except BaseException as e:  # record why, then let Hydra report it
         record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if isinstance(e, KeyboardInterrupt):
+        if type(e).__name__ == "TrialPruned":  # optuna's: the search stopped this trial early
+            record["status"] = "pruned"
+            record["error"] = f"TrialPruned: {e}"
+            log.info("run pruned by the search: %s", e)
+        elif isinstance(e, KeyboardInterrupt):
             record["status"] = "interrupted"
             done = record["epochs_completed"]
             record["error"] = f"{type(e).__name__}: {e or 'Ctrl-C'} after epoch {done}; {_resume_hint(out)}"
@@ -236,6 +241,7 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
             seconds_per_epoch=sum(e["seconds"] for e in h) / len(h),
         )
         results.write_json(out / results.RESULTS_FILE, record)
+        search.report_epoch(stats.epoch, stats.val_acc)  # may raise optuna.TrialPruned
 
     t0 = time.perf_counter()
     state_file = out / results.TRAINING_STATE_FILE

@@ -217,7 +217,7 @@ class ReportCallback(Callback):
             log.error("could not write the sweep report for %s: %s", sweep_dir, e)
             return
         log.info("sweep report: %s/results.md\n%s", sweep_dir, print_table(df))
-        bad = df[df["status"] != "completed"]
+        bad = df[~df["status"].isin(["completed", "pruned"])]  # a pruned trial is the search working
         if len(bad):
             log.error(
                 "%d of %d runs did not complete (%s); see %s/results.md",

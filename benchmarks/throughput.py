@@ -1,0 +1,279 @@
+"""Training throughput: the study's own pipeline against normsweep's, on this machine.
+
+    python benchmarks/throughput.py [--data-root PATH] [--repeats 3] [--steps 12] [--time-to-target]
+
+Pipelines, each with batch 512 and SGD, for each of batch/group/layer norm:
+
+  (a) study    - the study as it ran: per-sample torchvision transforms (ColorJitter(.1,.1,.1,.1),
+                 RandomHorizontalFlip(0.3), RandomRotation(10), ToTensor, Normalize) on PIL
+                 images in a DataLoader with 2 workers, its 37,098-parameter network, fp32;
+  (b) normsweep- the same network, batch and augmentation through normsweep's path: data resident
+                 on the device as uint8, augmentation on whole batches, channels_last;
+  (c) default  - normsweep's default recipe (its own 47,600-parameter network, crop+flip).
+
+Each measurement runs in a fresh subprocess (so peak memory is its own), after a warm-up, and
+(a), (b), (c) alternate within every repeat so that machine noise hits all of them. Reported:
+median images/s, seconds per 45,000-image epoch (training steps only), the ratios (b)/(a) and
+(c)/(a), and peak memory (RSS of the process and its DataLoader workers on CPU, max allocated on
+GPU). ``--time-to-target`` also trains the default recipe per norm until the test accuracy
+reaches 70% and reports the wall time (training plus per-epoch evaluation).
+
+Results go to benchmarks/results/throughput-<host>.csv and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+BATCH = 512
+NORMS = ("batch", "group", "layer")
+PIPELINES = ("study", "normsweep", "default")
+GROUPS = {"study": 2, "normsweep": 2, "default": 4}
+
+
+# ------------------------------------------------------------------ one measurement (a subprocess)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # DataLoader workers (the largest)
+    return (self_kb + children_kb) / 1024
+
+
+def _study_batches(raw, device):
+    """The study's input pipeline, as it ran: PIL images, per-sample transforms, DataLoader(2 workers)."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms as T
+
+    from normsweep.data import MEAN, STD
+
+    class CIFARLike(Dataset):  # what torchvision.datasets.CIFAR10 does per item
+        def __init__(self, x, y, transform):
+            self.x, self.y, self.transform = x.permute(0, 2, 3, 1).numpy(), y.numpy(), transform
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return self.transform(Image.fromarray(np.ascontiguousarray(self.x[i]))), int(self.y[i])
+
+    transform = T.Compose([
+        T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1),
+        T.RandomHorizontalFlip(p=0.3),
+        T.RandomRotation((-10.0, 10.0)),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])  # fmt: skip
+    loader = DataLoader(CIFARLike(raw.train_x, raw.train_y, transform), batch_size=BATCH, shuffle=True,
+                        num_workers=2, pin_memory=device.type == "cuda", persistent_workers=True)  # fmt: skip
+    while True:
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _normsweep_batches(raw, device, augment_cfg, channels_last: bool):
+    from normsweep.augment import augment_batch, normalize, to_float
+
+    x_all, y_all = raw.train_x.to(device), raw.train_y.to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    while True:
+        perm = torch.randperm(len(y_all), generator=gen, device=device)
+        for i in range(0, len(perm) - BATCH + 1, BATCH):
+            idx = perm[i : i + BATCH]
+            x = normalize(augment_batch(to_float(x_all[idx]), augment_cfg, gen))
+            yield x.contiguous(memory_format=fmt), y_all[idx]
+
+
+def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, device_name: str) -> dict:
+    """Images/s of ``steps`` training steps (after ``warmup``) of one pipeline and norm."""
+    from normsweep.config import AugmentConfig
+    from normsweep.data import load_raw
+    from normsweep.models import build_model, count_params
+    from normsweep.train import resolve_device
+
+    device = resolve_device(device_name)
+    raw = load_raw(data_root)
+    torch.manual_seed(0)
+    if pipeline == "default":
+        model = build_model("resnet", norm, GROUPS[pipeline], 0.0, [16, 24, 36, 56], [1, 1, 0])
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    else:
+        model = build_model("study", norm, GROUPS[pipeline], 0.02)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    channels_last = pipeline != "study"
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if pipeline == "study":
+        batches = _study_batches(raw, device)
+    else:
+        aug = (AugmentConfig(crop_padding=4, flip_p=0.5) if pipeline == "default" else
+               AugmentConfig(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1, flip_p=0.3, rotate_deg=10.0))  # fmt: skip
+        batches = _normsweep_batches(raw, device, aug, channels_last)
+    del raw
+    smoothing = 0.1 if pipeline == "default" else 0.0
+
+    def step():
+        x, y = next(batches)
+        loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {
+        "pipeline": pipeline,
+        "norm": norm,
+        "params": count_params(model),
+        "images_per_s": steps * BATCH / seconds,
+        "peak_mem_mb": _peak_memory_mb(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+    }
+
+
+# ------------------------------------------------------------------ time to the target accuracy
+
+
+def time_to_target(norm: str, target: float, data_root: str, device_name: str) -> dict:
+    """Train the default recipe until test accuracy >= target; wall seconds including evaluation."""
+    from hydra import compose, initialize_config_dir
+
+    from normsweep.config import register_configs, to_config
+    from normsweep.data import load_raw, make_splits
+    from normsweep.job import model_from_config
+    from normsweep.train import resolve_device, train
+
+    class Reached(Exception):
+        pass
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = to_config(compose("train", overrides=[f"norm={norm}", f"trainer.device={device_name}", "trainer.progress=false"]))
+    splits = make_splits(load_raw(data_root), cfg.data.val_size)
+    torch.manual_seed(cfg.trainer.seed)
+    model = model_from_config(cfg)
+    seen: list = []
+
+    def on_epoch(history):
+        seen[:] = history
+        if history[-1].test_acc >= target:
+            raise Reached
+
+    t0 = time.perf_counter()
+    try:
+        train(model, cfg, splits, resolve_device(device_name), on_epoch)
+    except Reached:
+        pass
+    wall = time.perf_counter() - t0
+    reached = bool(seen) and seen[-1].test_acc >= target
+    return {"norm": norm, "target": target, "reached": reached, "epochs": len(seen),
+            "test_acc": seen[-1].test_acc if seen else None, "seconds": wall if reached else None,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _subprocess(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"benchmark step {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default=os.environ.get("NORMSWEEP_DATA", str(REPO.parent / "shared/data/cifar10-jpg")))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=12, help="timed training steps per measurement")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--norms", nargs="+", default=list(NORMS))
+    p.add_argument("--time-to-target", action="store_true", help="also train the default recipe to 70%% per norm")
+    p.add_argument("--target", type=float, default=70.0)
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--one", nargs=2, metavar=("PIPELINE", "NORM"), help=argparse.SUPPRESS)
+    p.add_argument("--one-target", metavar="NORM", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.one:
+        print(json.dumps(measure(args.one[0], args.one[1], args.steps, args.warmup, args.data_root, args.device)))
+        return
+    if args.one_target:
+        print(json.dumps(time_to_target(args.one_target, args.target, args.data_root, args.device)))
+        return
+
+    import pandas as pd
+
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--data-root", args.data_root, "--device", args.device]
+    rows = []
+    for r in range(args.repeats):
+        for norm in args.norms:
+            for pipeline in PIPELINES:  # alternating: a, b, c, a, b, c, ...
+                m = _subprocess(["--one", pipeline, norm, *common])
+                m["repeat"] = r
+                rows.append(m)
+                print(f"repeat {r} {norm:5s} {pipeline:9s} {m['images_per_s']:8.0f} img/s  "
+                      f"peak {m['peak_mem_mb']:.0f} MB", flush=True)  # fmt: skip
+    df = pd.DataFrame(rows)
+    med = df.groupby(["norm", "pipeline"]).agg(
+        params=("params", "first"), images_per_s=("images_per_s", "median"), peak_mem_mb=("peak_mem_mb", "max"),
+        device=("device", "first"),
+    ).reset_index()  # fmt: skip
+    med["s_per_epoch"] = 45000 / med["images_per_s"]
+    base = med[med["pipeline"] == "study"].set_index("norm")["images_per_s"]
+    med["vs_study"] = med.apply(lambda row: row["images_per_s"] / base[row["norm"]], axis=1)
+
+    lines = [
+        f"# Training throughput — {socket.gethostname()}, {platform.processor() or platform.machine()}, "
+        f"{med['device'].iloc[0]}, torch {torch.__version__}",
+        "",
+        f"Median of {args.repeats} repeats x {args.steps} steps of batch {BATCH}; s/epoch = 45,000 images / throughput "
+        f"(training steps only). `vs_study` = throughput / pipeline (a)'s.",
+        "",
+        med.drop(columns="device").to_markdown(index=False, floatfmt=".2f"),
+    ]
+    if args.time_to_target:
+        targets = [_subprocess(["--one-target", n, "--target", str(args.target), "--data-root", args.data_root,
+                                "--device", args.device]) for n in args.norms]  # fmt: skip
+        lines += ["", f"Default recipe, wall time until test accuracy >= {args.target}% (training + per-epoch evaluation):",
+                  "", pd.DataFrame(targets).to_markdown(index=False, floatfmt=".1f")]  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"throughput-{socket.gethostname()}"
+    df.to_csv(stem.with_suffix(".csv"), index=False)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Hyper-parameter search: normsweep's own Hydra sweeper on current Optuna.
+
+``python -m normsweep -m search=optuna [norm=batch,group,layer] [search.n_trials=30] ...``
+
+* The search space is ``search.params`` (Hydra sweep syntax: ``interval(0.0, 0.2)``,
+  ``tag(log, interval(1e-3, 1.0))``, ``choice(...)``, ``range(...)``); a command-line override
+  whose value is an ``interval(...)`` adds or replaces a dimension.
+* Every other sweep on the command line (``norm=batch,group,layer``) is a grid: one Optuna study
+  per combination, so each normalization gets its own tuned settings.
+* The objective is the final validation accuracy (the split carved from the training set).
+* Storage is any SQLAlchemy URL, or ``journal:PATH`` for Optuna's journal file; the default is
+  an SQLite file at a stable path, and a study's name is derived from its fixed overrides, so
+  running the same command again resumes: ``search.n_trials`` is the total of finished trials.
+* Each job reports validation accuracy per epoch; the pruner stops bad trials (state PRUNED, with
+  the epoch reached). A trial that raises is recorded as FAIL with its error, and the search goes
+  on until more than ``search.max_failure_rate`` of its finished trials have failed.
+* At the end: ``optimization_results.yaml`` / ``.md`` (best parameters, best validation accuracy
+  and that trial's test accuracy per study) and Optuna's plots in ``optuna/<study>/``.
+
+Pruning needs the job to run in this process (Hydra's basic launcher); with other launchers
+trials run to the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from .config import NormsweepError, SearchConfig
+from .results import RESULTS_FILE, write_text
+
+log = logging.getLogger(__name__)
+
+# The trial of the job running now (set by the sweeper around each in-process launch).
+ACTIVE_TRIAL: Optional[optuna.Trial] = None
+
+
+class SearchError(NormsweepError, ValueError):
+    pass
+
+
+# ------------------------------------------------------------------ job side
+
+
+def report_epoch(epoch: int, val_acc: float) -> None:
+    """Tell the active trial this epoch's validation accuracy; raise TrialPruned if the pruner says so."""
+    trial = ACTIVE_TRIAL
+    if trial is None:
+        return
+    trial.report(val_acc, epoch)
+    if trial.should_prune():
+        raise optuna.TrialPruned(f"pruned after epoch {epoch} (validation accuracy {val_acc:.2f}%)")
+
+
+# ------------------------------------------------------------------ search space
+
+
+def to_distribution(key: str, value: Any) -> optuna.distributions.BaseDistribution:
+    """An Optuna distribution from a Hydra sweep (``interval``, ``tag(log, interval)``, ``choice``, ``range``)."""
+    sweep = value
+    if isinstance(value, str):
+        sweep = OverridesParser.create().parse_override(f"{key}={value}").value()
+    if isinstance(sweep, IntervalSweep):
+        log_scale = "log" in sweep.tags
+        if isinstance(sweep.start, int) and isinstance(sweep.end, int) and not log_scale:
+            return optuna.distributions.IntDistribution(sweep.start, sweep.end)
+        return optuna.distributions.FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
+    if isinstance(sweep, ChoiceSweep):
+        return optuna.distributions.CategoricalDistribution(list(sweep.list))
+    if isinstance(sweep, RangeSweep):
+        step = sweep.step or 1
+        if all(isinstance(v, int) for v in (sweep.start, sweep.stop, step)):
+            return optuna.distributions.IntDistribution(sweep.start, sweep.stop - 1, step=step)
+        return optuna.distributions.FloatDistribution(sweep.start, sweep.stop, step=step)
+    raise SearchError(
+        f"search.params.{key}={value!r} is not a search dimension; write interval(a, b), "
+        f"tag(log, interval(a, b)), choice(a, b, ...) or range(a, b)"
+    )
+
+
+def split_overrides(overrides: list[Override]) -> tuple[dict, list[list[str]], list[str]]:
+    """(search dimensions from the command line, grid of other sweeps, fixed overrides)."""
+    dims: dict[str, Any] = {}
+    grid: list[list[str]] = []
+    fixed: list[str] = []
+    for o in overrides:
+        key = o.get_key_element()
+        if o.is_sweep_override() and isinstance(o.value(), IntervalSweep):
+            dims[key] = o.value()
+        elif o.is_sweep_override():
+            grid.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            fixed.append(f"{key}={o.get_value_element_as_str()}")
+    return dims, grid, fixed
+
+
+def study_name_for(config: DictConfig, grid_point: tuple[str, ...], fixed: list[str]) -> str:
+    """``normsweep-<norm>-<hash of the other overrides>``: the same command maps to the same study."""
+    norm = next((o.split("=", 1)[1] for o in grid_point + tuple(fixed) if o.startswith("norm=")),
+                OmegaConf.select(config, "norm.kind", default="norm"))  # fmt: skip
+    norm = getattr(norm, "value", norm)
+    identity = sorted(o for o in (*grid_point, *fixed) if not o.startswith(("search.", "hydra.", "data.root=")))
+    digest = hashlib.sha1("\n".join(identity).encode()).hexdigest()[:8]
+    return f"normsweep-{norm}-{digest}"
+
+
+def make_storage(url: Optional[str], base: Path):
+    if not url:
+        path = base / "optuna" / "normsweep.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:") :]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    return url
+
+
+def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if cfg.pruner == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=cfg.prune_below)
+    return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=1)
+
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+# ------------------------------------------------------------------ the sweeper
+
+
+class OptunaSweeper(Sweeper):
+    """Hydra sweeper: one seeded-TPE Optuna study per grid point, resumable, pruned, failure-tolerant."""
+
+    def __init__(self) -> None:
+        self.config: Optional[DictConfig] = None
+        self.launcher = None
+        self.job_idx = 0
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        if self.sweep_dir.is_dir():  # a resumed search: number new jobs after the existing ones
+            from .report import find_jobs
+
+            self.job_idx = len(find_jobs(self.sweep_dir))
+
+    def _search_config(self) -> SearchConfig:
+        node = OmegaConf.select(self.config, "search")
+        if node is None:
+            raise SearchError("hydra/sweeper=normsweep_optuna needs the search config: pass search=optuna")
+        merged = OmegaConf.merge(OmegaConf.structured(SearchConfig), node)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+    def sweep(self, arguments: list[str]) -> list[dict]:
+        cfg = self._search_config()
+        parser = OverridesParser.create()
+        cli_dims, grid, fixed = split_overrides(parser.parse_overrides(arguments))
+        dims = {k: to_distribution(k, v) for k, v in cfg.params.items()}
+        dims.update({k: to_distribution(k, v) for k, v in cli_dims.items()})
+        from hydra.utils import get_original_cwd  # noqa: F401  (Hydra's runtime is set up here)
+
+        storage = make_storage(cfg.storage, Path(self.config.hydra.runtime.cwd))
+        summaries = []
+        for point in itertools.product(*grid) if grid else [()]:
+            name = cfg.study_name if cfg.study_name and not grid else (
+                f"{cfg.study_name}-{'-'.join(point)}" if cfg.study_name else study_name_for(self.config, point, fixed))  # fmt: skip
+            summaries.append(self._run_study(name, storage, cfg, dims, list(point), fixed))
+        self._write_summary(summaries)
+        return summaries
+
+    def _run_study(self, name: str, storage, cfg: SearchConfig, dims: dict, point: list[str], fixed: list[str]) -> dict:
+        global ACTIVE_TRIAL
+        study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
+                                    pruner=make_pruner(cfg))  # fmt: skip
+        # Seeded by search.seed plus the trials already in the study: a new search proposes the
+        # same first trials every time, and a resumed one continues rather than re-drawing them.
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.get_trials(deepcopy=False)))
+        study.set_user_attr("overrides", point)
+        overrides = fixed + point
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        log.info("study %s: %d of %d trials finished; running %d", name, done, cfg.n_trials, max(0, cfg.n_trials - done))
+        while True:
+            finished = study.get_trials(deepcopy=False, states=FINISHED)
+            failed = sum(t.state == optuna.trial.TrialState.FAIL for t in finished)
+            if len(finished) >= cfg.n_trials:
+                break
+            if failed and failed / len(finished) > cfg.max_failure_rate and len(finished) >= 2:
+                log.error("study %s: %d of %d trials failed (> search.max_failure_rate=%s); stopping it",
+                          name, failed, len(finished), cfg.max_failure_rate)  # fmt: skip
+                break
+            # Trials are told their results before the next ask, so a seeded sampler with the
+            # same history proposes the same next parameters, and workers sharing the storage
+            # never evaluate one trial twice.
+            trial = study.ask(dims)
+            params = [f"{k}={v}" for k, v in trial.params.items()]
+            ACTIVE_TRIAL = trial
+            try:
+                (ret,) = self.launcher.launch([tuple(overrides + params)], initial_job_idx=self.job_idx)
+            finally:
+                ACTIVE_TRIAL = None
+            self.job_idx += 1
+            self._tell(study, trial, Path(ret.working_dir) if ret.working_dir else None, ret)
+        write_optuna_plots(study, self.sweep_dir / "optuna" / name)
+        return self._study_summary(study)
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Path], ret) -> None:
+        state, value, error = optuna.trial.TrialState.FAIL, None, "no results.json"
+        res = {}
+        if job_dir and (job_dir / RESULTS_FILE).exists():
+            res = json.loads((job_dir / RESULTS_FILE).read_text())
+            error = res.get("error")
+            if res.get("status") == "completed" and res.get("final_val_acc") is not None:
+                state, value = optuna.trial.TrialState.COMPLETE, float(res["final_val_acc"])
+            elif res.get("status") == "pruned":
+                state = optuna.trial.TrialState.PRUNED
+        if job_dir:
+            trial.set_user_attr("job_dir", str(job_dir))
+        trial.set_user_attr("epochs_completed", res.get("epochs_completed"))
+        if res.get("final_test_acc") is not None:
+            trial.set_user_attr("final_test_acc", res["final_test_acc"])
+        if state == optuna.trial.TrialState.FAIL:
+            trial.set_user_attr("error", (error or "unknown error").splitlines()[0])
+            log.warning("trial %d failed: %s", trial.number, error)
+        study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+
+    @staticmethod
+    def _study_summary(study: optuna.Study) -> dict:
+        trials = study.get_trials(deepcopy=False)
+        counts = {s.name: sum(t.state == s for t in trials) for s in FINISHED}
+        summary: dict[str, Any] = {"study": study.study_name, "overrides": study.user_attrs.get("overrides", []),
+                                   "trials": counts}  # fmt: skip
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if complete:
+            best = study.best_trial
+            summary.update(best_trial=best.number, best_params=dict(best.params), best_val_acc=best.value,
+                           best_test_acc=best.user_attrs.get("final_test_acc"),
+                           best_job_dir=best.user_attrs.get("job_dir"))  # fmt: skip
+        return summary
+
+    def _write_summary(self, summaries: list[dict]) -> None:
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create({"studies": summaries}), self.sweep_dir / "optimization_results.yaml")
+        lines = ["# Best settings per study (objective: final validation accuracy)", "",
+                 "| study | grid point | best params | best val acc | test acc of that trial | complete / pruned / failed |",
+                 "|---|---|---|---|---|---|"]  # fmt: skip
+        for s in summaries:
+            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.get("best_params", {}).items())
+            val = f"{s['best_val_acc']:.2f}" if s.get("best_val_acc") is not None else "—"
+            test = f"{s['best_test_acc']:.2f}" if s.get("best_test_acc") is not None else "—"
+            t = s["trials"]
+            lines.append(f"| {s['study']} | {' '.join(s['overrides']) or '—'} | {params or '—'} | {val} | {test} | "
+                         f"{t['COMPLETE']} / {t['PRUNED']} / {t['FAIL']} |")  # fmt: skip
+        write_text(self.sweep_dir / "optimization_results.md", "\n".join(lines) + "\n")
+        log.info("search results: %s\n%s", self.sweep_dir / "optimization_results.md", "\n".join(lines[2:]))
+
+
+def write_optuna_plots(study: optuna.Study, out: Path) -> list[Path]:
+    """Optuna's own figures (optimization history, parameter importances, slices) as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    plots = {"history": ovm.plot_optimization_history, "importances": ovm.plot_param_importances,
+             "slice": ovm.plot_slice}  # fmt: skip
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "experimental" notices and tight_layout hints
+                ax = plot(study)
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                fig.tight_layout()
+            fig.savefig(out / f"{name}.png", dpi=110)
+            plt.close(fig)
+            written.append(out / f"{name}.png")
+        except Exception as e:  # e.g. importances need >1 completed trial and >1 distinct value
+            log.info("optuna %s plot skipped for %s: %s", name, study.study_name, e)
+    return written

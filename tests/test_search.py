@@ -1,0 +1,148 @@
+"""The Optuna search through normsweep's Hydra sweeper: resumable, pruned, failure-tolerant, per norm."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from normsweep.search import split_overrides, to_distribution
+
+from .conftest import REPO, write_folder_dataset
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_hydra_sweep_syntax_becomes_optuna_distributions() -> None:
+    d = to_distribution("optimizer.lr", "tag(log, interval(1e-3, 1.0))")
+    assert d == optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)
+    assert to_distribution("model.dropout", "interval(0.0, 0.2)") == optuna.distributions.FloatDistribution(0.0, 0.2)
+    assert to_distribution("trainer.batch_size", "choice(128, 256)").choices == (128, 256)
+    assert to_distribution("trainer.epochs", "range(1, 4)") == optuna.distributions.IntDistribution(1, 3)
+    with pytest.raises(ValueError, match="search.params.model.dropout=.*not a search dimension"):
+        to_distribution("model.dropout", "0.1")
+
+
+def test_command_line_intervals_are_dimensions_other_sweeps_are_a_grid() -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(
+        ["norm=batch,group", "model.dropout=interval(0, 0.5)", "trainer.epochs=1"]
+    )
+    dims, grid, fixed = split_overrides(parsed)
+    assert list(dims) == ["model.dropout"]
+    assert grid == [["norm=batch", "norm=group"]]
+    assert fixed == ["trainer.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory) -> list[str]:
+    root = write_folder_dataset(tmp_path_factory.mktemp("data") / "cifar", n_train=30, n_test=5)
+    cache = tmp_path_factory.mktemp("cache")
+    return [f"data.root={root}", f"data.cache_dir={cache}", "data.val_size=100", "trainer.batch_size=50",
+            "trainer.device=cpu", "trainer.threads=1", "trainer.epochs=1"]  # fmt: skip
+
+
+def search(tmp_path: Path, data_args: list[str], *args: str, sweep: str = "sweep") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "normsweep", "-m", "search=optuna", f"search.storage=sqlite:///{tmp_path}/optuna.db",
+           *data_args, *args, f"hydra.sweep.dir={tmp_path / sweep}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    return proc
+
+
+def studies(tmp_path: Path) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).get_trials()
+            for s in optuna.get_all_study_summaries(storage)}  # fmt: skip
+
+
+State = optuna.trial.TrialState
+
+
+@pytest.mark.slow
+def test_search_completes_resumes_without_repeating_and_tops_up_to_n_trials(tmp_path: Path, data_args) -> None:
+    first = search(tmp_path, data_args, "search.n_trials=3", "search.pruner=none")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (name, trials), = studies(tmp_path).items()
+    assert name.startswith("normsweep-batch-") and [t.state for t in trials] == [State.COMPLETE] * 3
+    for t in trials:  # the objective is validation accuracy, read from the trial's own job
+        res = json.loads((Path(t.user_attrs["job_dir"]) / "results.json").read_text())
+        assert t.value == res["final_val_acc"] and res["trial"] == t.number
+        assert res["config"]["optimizer"]["lr"] == t.params["optimizer.lr"]
+        assert 1e-3 <= t.params["optimizer.lr"] <= 1.0 and 0.0 <= t.params["model.dropout"] <= 0.2
+    summary = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())["studies"][0]
+    best = max(trials, key=lambda t: t.value)
+    assert summary["best_val_acc"] == best.value and summary["best_params"] == best.params
+    assert summary["best_test_acc"] == best.user_attrs["final_test_acc"]
+    assert (tmp_path / "sweep" / "results.csv").exists()
+    assert (tmp_path / "sweep" / "optuna" / name / "history.png").stat().st_size > 5_000
+
+    again = search(tmp_path, data_args, "search.n_trials=3", "search.pruner=none", sweep="sweep2")
+    assert again.returncode == 0
+    assert len(studies(tmp_path)[name]) == 3  # nothing re-run
+
+    more = search(tmp_path, data_args, "search.n_trials=5", "search.pruner=none")
+    assert more.returncode == 0, more.stdout[-3000:]
+    trials = studies(tmp_path)[name]
+    assert len(trials) == 5 and all(t.state == State.COMPLETE for t in trials)
+    assert len({(t.params["optimizer.lr"], t.params["model.dropout"]) for t in trials}) == 5
+
+
+@pytest.mark.slow
+def test_same_seed_proposes_the_same_first_trials(tmp_path: Path, data_args) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert search(a, data_args, "search.n_trials=2").returncode == 0
+    assert search(b, data_args, "search.n_trials=2").returncode == 0
+    (ta,), (tb,) = studies(a).values(), studies(b).values()
+    assert [t.params for t in ta] == [t.params for t in tb]
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_recorded_fail_and_the_others_complete(tmp_path: Path, data_args) -> None:
+    # label smoothing >= 1 is rejected when the job starts: those trials fail, the rest run.
+    proc = search(tmp_path, data_args, "search.n_trials=4", "search.max_failure_rate=1.0",
+                  "trainer.label_smoothing=interval(0.0, 1.6)")  # fmt: skip
+    (trials,) = studies(tmp_path).values()
+    states = [t.state for t in trials]
+    assert len(trials) == 4 and State.FAIL in states and State.COMPLETE in states, states
+    for t in trials:
+        assert (t.state == State.FAIL) == (t.params["trainer.label_smoothing"] >= 1.0)
+        if t.state == State.FAIL:
+            assert "trainer.label_smoothing" in t.user_attrs["error"]
+    assert proc.returncode != 0  # the sweep reports that some runs did not complete
+    assert "failed" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_forced_pruner_prunes_and_records_the_epoch(tmp_path: Path, data_args) -> None:
+    args = ("search.n_trials=2", "search.pruner=threshold", "search.prune_below=101", "trainer.epochs=3")
+    search(tmp_path, data_args, *args)
+    (trials,) = studies(tmp_path).values()
+    assert [t.state for t in trials] == [State.PRUNED] * 2
+    for t in trials:
+        res = json.loads((Path(t.user_attrs["job_dir"]) / "results.json").read_text())
+        assert res["status"] == "pruned" and res["epochs_completed"] == 1 and "after epoch 1" in res["error"]
+        assert t.user_attrs["epochs_completed"] == 1
+
+
+@pytest.mark.slow
+def test_one_study_per_norm(tmp_path: Path, data_args) -> None:
+    proc = search(tmp_path, data_args, "search.n_trials=2", "norm=batch,group")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    found = studies(tmp_path)
+    assert sorted(n.split("-")[1] for n in found) == ["batch", "group"]
+    for name, trials in found.items():
+        norm = name.split("-")[1]
+        assert len(trials) == 2
+        for t in trials:
+            assert json.loads((Path(t.user_attrs["job_dir"]) / "results.json").read_text())["norm"] == norm
+    table = (tmp_path / "sweep" / "optimization_results.md").read_text()
+    assert "norm=batch" in table and "norm=group" in table
