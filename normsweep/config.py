@@ -172,6 +172,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     channels_last: bool = True  # faster convs on CPU and GPU; same numbers
     bf16: bool = False  # bf16 autocast for forward/backward
+    compile: Optional[str] = None  # torch.compile mode for training steps: default | reduce-overhead | max-autotune
     threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
     progress: bool = True  # a tqdm bar per epoch (only when attached to a terminal)
 
@@ -184,6 +185,8 @@ class TrainerConfig:
             _fail("trainer.label_smoothing", self.label_smoothing, "a value in [0, 1)")
         if self.threads is not None and self.threads < 1:
             _fail("trainer.threads", self.threads, "an integer >= 1, or null")
+        if self.compile not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            _fail("trainer.compile", self.compile, "null, default, reduce-overhead or max-autotune")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail("trainer.device", self.device, "auto, cpu, cuda or cuda:N")
 

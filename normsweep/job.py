@@ -88,7 +88,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 # Keys that may change between an interrupted run and its resumption without changing its results.
-RESUME_IGNORED = ("trainer.progress", "trainer.threads", "data.cache_dir", "data.root", "data.download", "budget.")
+RESUME_IGNORED = ("trainer.progress", "trainer.threads", "trainer.compile", "data.cache_dir", "data.root", "data.download", "budget.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

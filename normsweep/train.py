@@ -184,6 +184,8 @@ def train(
     opt = make_optimizer(model.parameters(), cfg.optimizer)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.scheduler, s, total_steps))
     gen = torch.Generator(device=device).manual_seed(tc.seed)
+    # The compiled module shares its parameters with ``model``; evaluation and checkpoints use ``model``.
+    step_model = torch.compile(model, mode=tc.compile) if tc.compile else model
 
     history: list[EpochStats] = []
     if checkpoint is not None and checkpoint.exists():
@@ -215,7 +217,7 @@ def train(
             xb = normalize(augment_batch(to_float(train_x[idx]), cfg.augment, gen))
             yb = train_y[idx]
             with _autocast(device, tc.bf16):
-                loss, logits = train_step_loss(model, xb.contiguous(memory_format=fmt), yb, tc.label_smoothing)
+                loss, logits = train_step_loss(step_model, xb.contiguous(memory_format=fmt), yb, tc.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -86,3 +86,37 @@ def test_channels_last_and_plain_layout_give_the_same_loss(splits) -> None:
         loss_ref, _ = train_step_loss(ref, x, y, 0.1)
         loss_fast, _ = train_step_loss(fast, x.contiguous(memory_format=torch.channels_last), y, 0.1)
         assert math.isclose(loss_ref.item(), loss_fast.item(), rel_tol=1e-5), norm
+
+
+def test_bf16_autocast_trains_and_stays_close_to_fp32(splits) -> None:
+    """bf16 changes the arithmetic on purpose; its loss on the same batch stays within 2% of fp32."""
+    from normsweep.augment import normalize, to_float
+    from normsweep.train import _autocast, train_step_loss
+
+    x, y = normalize(to_float(splits.train.x[:50])), splits.train.y[:50]
+    for norm in ("batch", "group", "layer"):
+        cfg = make_cfg(f"norm={norm}")
+        torch.manual_seed(0)
+        model = model_from_config(cfg)
+        ref, _ = train_step_loss(model, x, y, 0.1)
+        with _autocast(torch.device("cpu"), True):
+            low, _ = train_step_loss(model, x, y, 0.1)
+        assert math.isclose(ref.item(), low.item(), rel_tol=0.02), norm
+    cfg = make_cfg("trainer.epochs=2", "trainer.bf16=true", *TINY)
+    history = train(model_from_config(cfg), cfg, splits, torch.device("cpu"))
+    assert history[-1].train_loss < history[0].train_loss
+
+
+@pytest.mark.slow
+def test_compiled_training_step_gives_the_same_loss(splits) -> None:
+    """trainer.compile must not change results: same weights, same batch, same loss as eager."""
+    from normsweep.augment import normalize, to_float
+    from normsweep.train import train_step_loss
+
+    x, y = normalize(to_float(splits.train.x[:50])), splits.train.y[:50]
+    cfg = make_cfg("norm=group")
+    torch.manual_seed(0)
+    model = model_from_config(cfg)
+    eager, _ = train_step_loss(model, x, y, 0.1)
+    compiled, _ = train_step_loss(torch.compile(model), x, y, 0.1)
+    assert math.isclose(eager.item(), compiled.item(), rel_tol=1e-4)
