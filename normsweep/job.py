@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
 from . import results, search
-from .config import Config, NormsweepError, to_config
+from .config import Config, ConfigError, NormsweepError, to_config
 from .data import load_raw, make_splits
 from .models import build_model, count_params
 from .train import CheckpointError, EpochStats, predict, prepare_eval, resolve_device, train
@@ -221,6 +221,11 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
     splits = make_splits(raw, d.val_size, d.train_size, d.test_size, d.split_seed)
     record["classes"] = list(splits.classes)
     del raw  # the splits hold copies; free the full set
+    if cfg.trainer.batch_size > len(splits.train):
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the {len(splits.train)} training images "
+            f"(data.train_size={d.train_size}, data.val_size={d.val_size}); lower trainer.batch_size or use more data"
+        )
     log.info(
         "data: %d train, %d val, %d test images from %s; device %s",
         len(splits.train), len(splits.val), len(splits.test), d.root, record["device"],

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .config import ConfigError
+
 NORMS = ("batch", "group", "layer", "instance", "none")
 
 
@@ -33,7 +35,7 @@ def make_norm(kind: str, channels: int, groups: int, where: str = "") -> nn.Modu
         return nn.BatchNorm2d(channels)
     if kind == "group":
         if groups < 1 or channels % groups:
-            raise ValueError(
+            raise ConfigError(
                 f"norm.groups={groups} does not divide the {channels} channels of layer {where!r}; "
                 f"GroupNorm needs a group count that divides every layer's channels "
                 f"(choose one of {_divisors(channels)} for this layer, or change model widths)"
@@ -45,7 +47,7 @@ def make_norm(kind: str, channels: int, groups: int, where: str = "") -> nn.Modu
         return nn.GroupNorm(channels, channels)  # InstanceNorm with per-channel affine
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"norm.kind={kind!r} is unknown; expected one of {NORMS}")
+    raise ConfigError(f"norm.kind={kind!r} is unknown; expected one of {NORMS}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -99,7 +101,7 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         if len(widths) != len(depths) + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"model.widths has {len(widths)} entries and model.depths {len(depths)}; "
                 f"widths needs one more (the stem) than depths (one per stage)"
             )
@@ -167,4 +169,4 @@ def build_model(
         return StudyNet(norm, groups, dropout, num_classes)
     if arch == "resnet":
         return ResNet(norm, groups, dropout, widths, depths, num_classes)
-    raise ValueError(f"model.arch={arch!r} is unknown; expected one of {ARCHS}")
+    raise ConfigError(f"model.arch={arch!r} is unknown; expected one of {ARCHS}")

@@ -25,12 +25,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .data import CLASSES  # noqa: E402
-from .results import PREDICTIONS_FILE, RESULTS_FILE  # noqa: E402
+from .results import PREDICTIONS_FILE, RESULTS_FILE, atomic_write  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 NORM_COLOURS = {"batch": "tab:blue", "group": "tab:orange", "layer": "tab:green", "instance": "tab:purple",
                 "none": "tab:gray"}  # fmt: skip
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    """Write the figure atomically (a temporary file renamed onto ``path``)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def run_label(df: pd.DataFrame) -> pd.Series:
@@ -79,7 +84,7 @@ def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     ax.set_ylabel("training loss")
     ax.set_title("Training loss per epoch")
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
+    _save(fig, out / "loss.png", 120)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -88,7 +93,7 @@ def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_title(f"{name.capitalize()} accuracy per epoch")
         ax.set_ylabel("accuracy (%)")
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
+    _save(fig, out / "accuracy.png", 120)
     plt.close(fig)
     return [out / "loss.png", out / "accuracy.png"]
 
@@ -107,7 +112,7 @@ def plot_test_accuracy_bars(df: pd.DataFrame, out: Path) -> Path:
     ax.set_title("Final test accuracy per configuration")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "test_accuracy.png", dpi=120)
+    _save(fig, out / "test_accuracy.png", 120)
     plt.close(fig)
     return out / "test_accuracy.png"
 
@@ -146,7 +151,7 @@ def plot_mispredicted(job_dir: Path, out: Path, k: int = 25) -> Path:
         ax.set_title(f"true: {classes[t]}\npred: {classes[p]}", fontsize=8, color="tab:red")
     fig.suptitle(f"Mispredicted test images — {result['norm']} norm, test acc {result['final_test_acc']:.1f}%")
     fig.tight_layout()
-    fig.savefig(out / "mispredicted.png", dpi=110)
+    _save(fig, out / "mispredicted.png", 110)
     plt.close(fig)
     return out / "mispredicted.png"
 
@@ -169,7 +174,7 @@ def plot_confusion(job_dir: Path, out: Path, classes: tuple[str, ...]) -> Path:
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(f"Test confusion matrix — {job_dir.name}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "confusion.png", dpi=110)
+    _save(fig, out / "confusion.png", 110)
     plt.close(fig)
     return out / "confusion.png"
 

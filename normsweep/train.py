@@ -178,7 +178,7 @@ def train(
     val_x, val_y = prepare_eval(splits.val, device)
     test_x, test_y = prepare_eval(splits.test, device)
     n = len(train_y)
-    steps_per_epoch = math.ceil(n / tc.batch_size)
+    steps_per_epoch = n // tc.batch_size + (n % tc.batch_size > 1)  # a 1-image tail batch is skipped
     total_steps = steps_per_epoch * tc.epochs
 
     opt = make_optimizer(model.parameters(), cfg.optimizer)
@@ -205,8 +205,11 @@ def train(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         perm = torch.randperm(n, generator=gen, device=device)
+        starts = range(0, n, tc.batch_size)
+        if n % tc.batch_size == 1:  # a last batch of one image: BatchNorm cannot train on it; skip it
+            starts = starts[:-1]
         bar = tqdm(
-            range(0, n, tc.batch_size),
+            starts,
             desc=f"epoch {epoch}/{tc.epochs}",
             unit="batch",
             leave=False,
@@ -224,7 +227,8 @@ def train(
             sched.step()
             loss_sum += loss.detach().float() * len(idx)
             correct += (logits.argmax(1) == yb).sum()
-        train_loss = loss_sum.item() / n
+        seen = n - 1 if n % tc.batch_size == 1 else n
+        train_loss = loss_sum.item() / seen
         lr = opt.param_groups[0]["lr"]
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(
@@ -233,7 +237,7 @@ def train(
         val_acc = accuracy(predict(model, val_x, channels_last=tc.channels_last, bf16=tc.bf16), val_y)
         test_acc = accuracy(predict(model, test_x, channels_last=tc.channels_last, bf16=tc.bf16), test_y)
         stats = EpochStats(
-            epoch, train_loss, 100.0 * correct.item() / n, val_acc, test_acc, lr, time.perf_counter() - t0
+            epoch, train_loss, 100.0 * correct.item() / seen, val_acc, test_acc, lr, time.perf_counter() - t0
         )
         history.append(stats)
         if checkpoint is not None:

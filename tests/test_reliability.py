@@ -158,3 +158,21 @@ def test_nan_loss_fails_that_run_and_the_sweep_goes_on(tmp_path: Path, data_args
     assert runs[0.01]["status"] == "completed"
     table = (sweep / "results.md").read_text()  # the report still lists both
     assert "failed" in table and "completed" in table
+
+
+@pytest.mark.slow
+def test_combinations_that_only_fail_later_are_explained_at_start(tmp_path: Path, data_args) -> None:
+    too_big = cli(*data_args, "trainer.batch_size=2000", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'a'}")
+    assert too_big.returncode == 2
+    assert "trainer.batch_size=2000 is larger than the 1400 training images" in too_big.stdout + too_big.stderr
+    groups = cli(*data_args, "norm=group", "norm.groups=5", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'b'}")
+    assert groups.returncode == 2
+    assert "norm.groups=5 does not divide the 16 channels of layer 'stem'" in groups.stdout + groups.stderr
+    assert "Traceback" not in groups.stdout + groups.stderr
+
+
+def test_a_one_image_tail_batch_is_skipped_not_fatal_for_batch_norm(folder_data: Path, cache_dir: Path) -> None:
+    splits = make_splits(load_raw(folder_data, cache_dir=cache_dir), val_size=19)  # 101 training images
+    cfg = make_cfg("norm=batch", "trainer.epochs=1", *TINY)  # batch 25: 4 batches and 1 left over
+    (stats,) = train(model_from_config(cfg), cfg, splits, torch.device("cpu"))
+    assert stats.train_loss > 0 and stats.lr == pytest.approx(0.0, abs=1e-9)  # schedule still ends at its end
