@@ -199,6 +199,25 @@ def time_to_target(norm: str, target: float, data_root: str, device_name: str) -
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
 
 
+def _from_sweep(sweep: Path, target: float, med) -> str:
+    import pandas as pd
+
+    rows = []
+    for f in sorted(sweep.glob("*/results.json")):
+        res = json.loads(f.read_text())
+        hist = res.get("history", [])
+        hit = next((i for i, h in enumerate(hist) if h["test_acc"] >= target), None)
+        speed = med[(med["pipeline"] == "default") & (med["norm"] == res["norm"])]["images_per_s"]
+        n_train = 50000 - (res["config"]["data"]["val_size"] or 0)
+        rows.append({
+            "norm": res["norm"], "final_test_acc": res.get("final_test_acc"),
+            "epochs_to_target": hit + 1 if hit is not None else None,
+            "recorded_s": sum(h["seconds"] for h in hist[: hit + 1]) if hit is not None else None,
+            "at_measured_speed_s": (hit + 1) * n_train / speed.iloc[0] if hit is not None and len(speed) else None,
+        })  # fmt: skip
+    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f")
+
+
 # ------------------------------------------------------------------ driver
 
 
@@ -219,6 +238,7 @@ def main() -> None:
     p.add_argument("--norms", nargs="+", default=list(NORMS))
     p.add_argument("--time-to-target", action="store_true", help="also train the default recipe to 70%% per norm")
     p.add_argument("--target", type=float, default=70.0)
+    p.add_argument("--from-sweep", metavar="DIR", help="also read epochs/seconds to the target from a sweep's results.json files")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--one", nargs=2, metavar=("PIPELINE", "NORM"), help=argparse.SUPPRESS)
     p.add_argument("--one-target", metavar="NORM", help=argparse.SUPPRESS)
@@ -266,6 +286,10 @@ def main() -> None:
                                 "--device", args.device]) for n in args.norms]  # fmt: skip
         lines += ["", f"Default recipe, wall time until test accuracy >= {args.target}% (training + per-epoch evaluation):",
                   "", pd.DataFrame(targets).to_markdown(index=False, floatfmt=".1f")]  # fmt: skip
+    if args.from_sweep:
+        lines += ["", f"From the runs in `{args.from_sweep}`: first epoch whose test accuracy >= {args.target}%, the seconds "
+                  f"those epochs took as recorded (training + evaluation), and that many epochs at (c)'s median speed "
+                  f"measured above (training steps only):", "", _from_sweep(Path(args.from_sweep), args.target, med)]  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"throughput-{socket.gethostname()}"

@@ -177,9 +177,10 @@ def train(
     train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
     val_x, val_y = prepare_eval(splits.val, device)
     test_x, test_y = prepare_eval(splits.test, device)
-    n = len(train_y)
-    steps_per_epoch = n // tc.batch_size + (n % tc.batch_size > 1)  # a 1-image tail batch is skipped
-    total_steps = steps_per_epoch * tc.epochs
+    # A last batch of one image is skipped: BatchNorm cannot train on a single sample.
+    n = len(train_y) - 1 if len(train_y) % tc.batch_size == 1 else len(train_y)
+    starts = range(0, n, tc.batch_size)
+    total_steps = len(starts) * tc.epochs
 
     opt = make_optimizer(model.parameters(), cfg.optimizer)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.scheduler, s, total_steps))
@@ -204,10 +205,7 @@ def train(
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
-        perm = torch.randperm(n, generator=gen, device=device)
-        starts = range(0, n, tc.batch_size)
-        if n % tc.batch_size == 1:  # a last batch of one image: BatchNorm cannot train on it; skip it
-            starts = starts[:-1]
+        perm = torch.randperm(len(train_y), generator=gen, device=device)[:n]
         bar = tqdm(
             starts,
             desc=f"epoch {epoch}/{tc.epochs}",
@@ -227,8 +225,7 @@ def train(
             sched.step()
             loss_sum += loss.detach().float() * len(idx)
             correct += (logits.argmax(1) == yb).sum()
-        seen = n - 1 if n % tc.batch_size == 1 else n
-        train_loss = loss_sum.item() / seen
+        train_loss = loss_sum.item() / n
         lr = opt.param_groups[0]["lr"]
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(
@@ -237,7 +234,7 @@ def train(
         val_acc = accuracy(predict(model, val_x, channels_last=tc.channels_last, bf16=tc.bf16), val_y)
         test_acc = accuracy(predict(model, test_x, channels_last=tc.channels_last, bf16=tc.bf16), test_y)
         stats = EpochStats(
-            epoch, train_loss, 100.0 * correct.item() / seen, val_acc, test_acc, lr, time.perf_counter() - t0
+            epoch, train_loss, 100.0 * correct.item() / n, val_acc, test_acc, lr, time.perf_counter() - t0
         )
         history.append(stats)
         if checkpoint is not None:
