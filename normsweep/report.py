@@ -52,6 +52,9 @@ METRICS = [
     "epochs_completed",
 ]  # fmt: skip
 ACCURACIES = ["best_val_acc", "final_val_acc", "final_test_acc"]
+# Overrides that say where or how fast a run went, not what it was: never comparison columns.
+NOT_SETTINGS = ("data.root", "data.cache_dir", "data.download", "trainer.threads", "trainer.progress",
+                "trainer.device", "trainer.compile", "hydra.", "search")  # fmt: skip
 
 
 class ReportError(RuntimeError):
@@ -86,7 +89,7 @@ def _row(job_dir: Path, res: dict, base: Path) -> dict:
     for override in res.get("overrides") or []:  # swept keys the fixed columns do not cover
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
-        if key not in {p for _, p in SETTINGS if p} and key not in row and not key.startswith(("data.root", "hydra.")):
+        if key not in {p for _, p in SETTINGS if p} and key not in row and not key.startswith(NOT_SETTINGS):
             row[key] = value
     for m in METRICS:
         row[m] = res.get(m)
@@ -184,6 +187,8 @@ def write_report(sweep_dirs: list[str | Path], out_dir: str | Path | None = None
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "results.csv", df.to_csv(index=False))
     compact = _compact(df).drop(columns="path")
+    if not compact["error"].astype(bool).any():
+        compact = compact.drop(columns="error")
     write_text(out / "results.md", to_markdown(compact, "Runs, best test accuracy first", _fixed_settings(df)))
     by_config = group_by_config(df)
     if by_config is not None:
