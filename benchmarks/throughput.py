@@ -31,7 +31,6 @@ import os
 import platform
 import resource
 import socket
-import statistics
 import subprocess
 import sys
 import time

@@ -179,8 +179,6 @@ class OptunaSweeper(Sweeper):
         cli_dims, grid, fixed = split_overrides(parser.parse_overrides(arguments))
         dims = {k: to_distribution(k, v) for k, v in cfg.params.items()}
         dims.update({k: to_distribution(k, v) for k, v in cli_dims.items()})
-        from hydra.utils import get_original_cwd  # noqa: F401  (Hydra's runtime is set up here)
-
         storage = make_storage(cfg.storage, Path(self.config.hydra.runtime.cwd))
         summaries = []
         for point in itertools.product(*grid) if grid else [()]:

@@ -70,7 +70,6 @@ def test_single_run_writes_results_checkpoint_and_the_models_own_predictions(tmp
     assert "47,600" in proc.stdout + proc.stderr  # parameter count printed at start
 
     # The saved predictions are the saved model's: reload it, predict, compare.
-    from hydra.utils import instantiate  # noqa: F401  (hydra importable in the test env)
     from omegaconf import OmegaConf
 
     from normsweep.data import load_raw, make_splits
