@@ -16,7 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
@@ -69,22 +71,18 @@ def model_summary(model: torch.nn.Module) -> str:
 
 
 def _overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _choices() -> dict:
     """The option picked in each config group (norm, augment, optimizer, ...)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return {}
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """SIGTERM (or SIGINT): stop, keep the last epoch's checkpoint, say how to resume."""
+    """SIGTERM: handled like Ctrl-C — stop, keep the last epoch's checkpoint, say how to resume."""
 
 
 # Keys that may change between an interrupted run and its resumption without changing its results.
@@ -126,8 +124,6 @@ def _previous_result(out: Path, config: dict) -> dict | None:
 
 
 def _resume_hint(out: Path) -> str:
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return f"run the same command with hydra.sweep.dir={HydraConfig.get().sweep.dir} to resume"
     return f"run the same command with hydra.run.dir={out.resolve()} to resume"
@@ -179,7 +175,7 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         return _run(to_config(dcfg), out, record)
     except BaseException as e:  # record why, then let Hydra report it
         record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if type(e).__name__ == "TrialPruned":  # optuna's: the search stopped this trial early
+        if isinstance(e, search.TrialPruned):  # the search stopped this trial early
             record["status"] = "pruned"
             record["error"] = f"TrialPruned: {e}"
             log.info("run pruned by the search: %s", e)
@@ -213,8 +209,6 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
 
     device = resolve_device(cfg.trainer.device)
     record["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    from hydra.utils import to_absolute_path
-
     d = cfg.data
     record["data_root"] = to_absolute_path(d.root)
     raw = load_raw(record["data_root"], d.format.value, d.download, d.cache_dir and to_absolute_path(d.cache_dir))

@@ -12,6 +12,7 @@ Runs that differ only by seed share a colour: their mean is drawn with a band of
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -130,10 +131,16 @@ def mispredicted(job_dir: Path, k: int = 25, seed: int = 0) -> tuple[np.ndarray,
 
 
 def _test_images(result: dict) -> tuple[np.ndarray, tuple[str, ...]]:
+    d = result["config"]["data"]
+    return _load_test_images(result.get("data_root") or d["root"], d["format"], d.get("cache_dir"))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_test_images(root: str, fmt: str, cache_dir: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The test images of one dataset, loaded (and checksummed) once for all the runs of a sweep."""
     from .data import load_raw
 
-    d = result["config"]["data"]
-    raw = load_raw(result.get("data_root") or d["root"], d["format"], False, d.get("cache_dir"))
+    raw = load_raw(root, fmt, False, cache_dir)
     return raw.test_x.permute(0, 2, 3, 1).numpy(), raw.classes
 
 

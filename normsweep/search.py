@@ -43,6 +43,8 @@ from .results import RESULTS_FILE, write_text
 
 log = logging.getLogger(__name__)
 
+TrialPruned = optuna.TrialPruned  # what a job raises when the pruner stops it
+
 # The trial of the job running now (set by the sweeper around each in-process launch).
 ACTIVE_TRIAL: Optional[optuna.Trial] = None
 
@@ -61,7 +63,7 @@ def report_epoch(epoch: int, val_acc: float) -> None:
         return
     trial.report(val_acc, epoch)
     if trial.should_prune():
-        raise optuna.TrialPruned(f"pruned after epoch {epoch} (validation accuracy {val_acc:.2f}%)")
+        raise TrialPruned(f"pruned after epoch {epoch} (validation accuracy {val_acc:.2f}%)")
 
 
 # ------------------------------------------------------------------ search space
@@ -182,8 +184,10 @@ class OptunaSweeper(Sweeper):
         storage = make_storage(cfg.storage, Path(self.config.hydra.runtime.cwd))
         summaries = []
         for point in itertools.product(*grid) if grid else [()]:
-            name = cfg.study_name if cfg.study_name and not grid else (
-                f"{cfg.study_name}-{'-'.join(point)}" if cfg.study_name else study_name_for(self.config, point, fixed))  # fmt: skip
+            if cfg.study_name:  # one name given: suffixed by the grid point when there is a grid
+                name = "-".join([cfg.study_name, *point])
+            else:
+                name = study_name_for(self.config, point, fixed)
             summaries.append(self._run_study(name, storage, cfg, dims, list(point), fixed))
         self._write_summary(summaries)
         return summaries
