@@ -7,9 +7,11 @@ accuracy so that a sweeper can optimize it.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import signal
 import socket
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
@@ -79,6 +81,26 @@ def _choices() -> dict:
     if not HydraConfig.initialized():
         return {}
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+
+
+def job_threads(threads: int | None) -> int | None:
+    """Torch threads for this job: ``trainer.threads``, or the job's share of the cores.
+
+    With ``trainer.threads=null`` a job under a parallel launcher gets ``cpus_per_task`` threads
+    (submitit) or ``cores // n_jobs`` (joblib; ``n_jobs=-1`` is one job per core), so parallel
+    jobs do not oversubscribe the cores; otherwise torch keeps its default (all cores).
+    """
+    if threads or not HydraConfig.initialized():
+        return threads
+    launcher = HydraConfig.get().launcher
+    if launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)
+    n_jobs = launcher.get("n_jobs")
+    if n_jobs:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
+        return max(1, cores // parallel)
+    return None
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -163,14 +185,19 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         "config": config,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
+        "pid": os.getpid(),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "history": [],
     }
+    results.write_json(out / results.RESULTS_FILE, record)  # "running": the report can tell a live run
+
     def on_sigterm(signum, frame):
         raise RunInterrupted(f"stopped by signal {signal.Signals(signum).name}")
 
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    # Signal handlers can only be set from the main thread (not so under a thread-based launcher).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         return _run(to_config(dcfg), out, record)
     except BaseException as e:  # record why, then let Hydra report it
@@ -192,12 +219,14 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         results.write_json(out / results.RESULTS_FILE, record)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _run(cfg: Config, out: Path, record: dict) -> float:
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    threads = job_threads(cfg.trainer.threads)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(cfg.trainer.seed)
     model = model_from_config(cfg)
     params = count_params(model)

@@ -9,7 +9,9 @@
 
 The same report is written at the end of every multirun by :class:`ReportCallback` (registered
 in ``conf/train.yaml``). Failed or unfinished runs are listed with their status and the first
-line of their error; they never stop the table from being written.
+line of their error; they never stop the table from being written. A run whose results.json says
+"running" is shown as running while its process lives (or runs on another host: a worker of a
+shared sweep), and as "stopped" once that process is gone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +85,19 @@ def _unfinished_job(job_dir: Path) -> dict:
             "overrides": overrides, "config": config or {}, "choices": choices}  # fmt: skip
 
 
+def _alive(res: dict) -> bool:
+    """Whether the process that wrote a "running" record still runs (assumed so on another host)."""
+    if res.get("host") != socket.gethostname() or not res.get("pid"):
+        return True
+    try:
+        os.kill(int(res["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _row(job_dir: Path, res: dict, base: Path) -> dict:
     config = res.get("config") or {}
     row: dict[str, Any] = {"job": str(job_dir.relative_to(base)) if job_dir.is_relative_to(base) else str(job_dir)}
@@ -95,6 +112,10 @@ def _row(job_dir: Path, res: dict, base: Path) -> dict:
         row[m] = res.get(m)
     row["status"] = res.get("status", "unknown")
     error = res.get("error")
+    if row["status"] == "running" and not _alive(res):
+        row["status"] = "stopped"
+        error = (f"the process ({res.get('host')}, pid {res.get('pid')}) ended before the run finished; "
+                 f"run the same command with the same output dir to resume")  # fmt: skip
     row["error"] = error.strip().splitlines()[0] if error else ""
     row["path"] = str(job_dir.resolve())
     return row
@@ -222,7 +243,11 @@ class ReportCallback(Callback):
             log.error("could not write the sweep report for %s: %s", sweep_dir, e)
             return
         log.info("sweep report: %s/results.md\n%s", sweep_dir, print_table(df))
-        bad = df[~df["status"].isin(["completed", "pruned"])]  # a pruned trial is the search working
+        # A pruned trial is the search working; a running one belongs to another worker of a shared sweep.
+        running = df[df["status"] == "running"]
+        if len(running):
+            log.info("%d runs in %s are still running in other processes", len(running), sweep_dir)
+        bad = df[~df["status"].isin(["completed", "pruned", "running"])]
         if len(bad):
             log.error(
                 "%d of %d runs did not complete (%s); see %s/results.md",

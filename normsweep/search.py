@@ -8,9 +8,14 @@
 * Every other sweep on the command line (``norm=batch,group,layer``) is a grid: one Optuna study
   per combination, so each normalization gets its own tuned settings.
 * The objective is the final validation accuracy (the split carved from the training set).
-* Storage is any SQLAlchemy URL, or ``journal:PATH`` for Optuna's journal file; the default is
-  an SQLite file at a stable path, and a study's name is derived from its fixed overrides, so
-  running the same command again resumes: ``search.n_trials`` is the total of finished trials.
+* Storage is any SQLAlchemy URL, or ``journal:PATH`` for Optuna's journal file (see
+  ``normsweep/storage.py``); the default is an SQLite file at a stable path, and a study's name
+  is derived from its fixed overrides, so running the same command again resumes:
+  ``search.n_trials`` is the total number of trials of the study.
+* Several workers (processes or machines) running the same command on one shared storage split
+  the trials: each takes a slot under a lock, so together they run exactly ``n_trials``. Trial
+  jobs go to ``<sweep dir>/<study>/trial_<number>``; workers that share ``hydra.sweep.dir`` write
+  one table.
 * Each job reports validation accuracy per epoch; the pruner stops bad trials (state PRUNED, with
   the epoch reached). A trial that raises is recorded as FAIL with its error, and the search goes
   on until more than ``search.max_failure_rate`` of its finished trials have failed.
@@ -18,7 +23,8 @@
   and that trial's test accuracy per study) and Optuna's plots in ``optuna/<study>/``.
 
 Pruning needs the job to run in this process (Hydra's basic launcher); with other launchers
-trials run to the end.
+trials run to the end. A worker stopped by Ctrl-C or SIGTERM marks its running trial FAIL; one
+killed outright leaves it RUNNING, which keeps holding its slot (delete the trial or raise n_trials).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import hashlib
 import itertools
 import json
 import logging
+import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -40,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import NormsweepError, SearchConfig
 from .results import RESULTS_FILE, write_text
+from .storage import open_storage, resolve_storage, trial_slot_lock
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +127,6 @@ def study_name_for(config: DictConfig, grid_point: tuple[str, ...], fixed: list[
     return f"normsweep-{norm}-{digest}"
 
 
-def make_storage(url: Optional[str], base: Path):
-    if not url:
-        path = base / "optuna" / "normsweep.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
-    if url.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(url[len("journal:") :]).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    return url
-
-
 def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
     if cfg.pruner == "none":
         return optuna.pruners.NopPruner()
@@ -142,6 +136,36 @@ def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
 
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+TAKEN = FINISHED + (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)  # trials that use a slot
+
+
+# ------------------------------------------------------------------ trial slots
+
+
+def take_trial(study: optuna.Study, spec: str, cfg: SearchConfig, dims: dict) -> Optional[optuna.Trial]:
+    """A new trial, or None when the study has its ``n_trials`` (counting other workers' running ones).
+
+    Counting and asking happen under one lock shared by every worker of this study, so the
+    workers together stop at exactly ``n_trials``. The sampler is seeded with ``search.seed``
+    plus the number of trials already in the study: a new search proposes the same first trials
+    every time, a resumed one continues rather than re-drawing them, and two workers never draw
+    from the same seed.
+    """
+    with trial_slot_lock(spec, study.study_name):
+        trials = study.get_trials(deepcopy=False)
+        taken = [t for t in trials if t.state in TAKEN]
+        finished = [t for t in taken if t.state in FINISHED]
+        failed = sum(t.state == optuna.trial.TrialState.FAIL for t in finished)
+        if len(taken) >= cfg.n_trials:
+            return None
+        if failed and len(finished) >= 2 and failed / len(finished) > cfg.max_failure_rate:
+            log.error("study %s: %d of %d trials failed (> search.max_failure_rate=%s); stopping it",
+                      study.study_name, failed, len(finished), cfg.max_failure_rate)  # fmt: skip
+            return None
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(trials))
+        trial = study.ask(dims)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        return trial
 
 
 # ------------------------------------------------------------------ the sweeper
@@ -153,7 +177,6 @@ class OptunaSweeper(Sweeper):
     def __init__(self) -> None:
         self.config: Optional[DictConfig] = None
         self.launcher = None
-        self.job_idx = 0
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -163,10 +186,6 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
         self.sweep_dir = Path(config.hydra.sweep.dir)
-        if self.sweep_dir.is_dir():  # a resumed search: number new jobs after the existing ones
-            from .report import find_jobs
-
-            self.job_idx = len(find_jobs(self.sweep_dir))
 
     def _search_config(self) -> SearchConfig:
         node = OmegaConf.select(self.config, "search")
@@ -181,51 +200,51 @@ class OptunaSweeper(Sweeper):
         cli_dims, grid, fixed = split_overrides(parser.parse_overrides(arguments))
         dims = {k: to_distribution(k, v) for k, v in cfg.params.items()}
         dims.update({k: to_distribution(k, v) for k, v in cli_dims.items()})
-        storage = make_storage(cfg.storage, Path(self.config.hydra.runtime.cwd))
+        spec = resolve_storage(cfg.storage, Path(self.config.hydra.runtime.cwd))
+        storage = open_storage(spec)
         summaries = []
         for point in itertools.product(*grid) if grid else [()]:
             if cfg.study_name:  # one name given: suffixed by the grid point when there is a grid
                 name = "-".join([cfg.study_name, *point])
             else:
                 name = study_name_for(self.config, point, fixed)
-            summaries.append(self._run_study(name, storage, cfg, dims, list(point), fixed))
+            summaries.append(self._run_study(name, spec, storage, cfg, dims, list(point), fixed))
         self._write_summary(summaries)
         return summaries
 
-    def _run_study(self, name: str, storage, cfg: SearchConfig, dims: dict, point: list[str], fixed: list[str]) -> dict:
-        global ACTIVE_TRIAL
+    def _run_study(self, name: str, spec: str, storage, cfg: SearchConfig, dims: dict, point: list[str],
+                   fixed: list[str]) -> dict:  # fmt: skip
         study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
                                     pruner=make_pruner(cfg))  # fmt: skip
-        # Seeded by search.seed plus the trials already in the study: a new search proposes the
-        # same first trials every time, and a resumed one continues rather than re-drawing them.
-        study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.get_trials(deepcopy=False)))
         study.set_user_attr("overrides", point)
         overrides = fixed + point
-        done = len(study.get_trials(deepcopy=False, states=FINISHED))
-        log.info("study %s: %d of %d trials finished; running %d", name, done, cfg.n_trials, max(0, cfg.n_trials - done))
+        done = len(study.get_trials(deepcopy=False, states=TAKEN))
+        log.info("study %s: %d of %d trials taken; up to %d to run here", name, done, cfg.n_trials, max(0, cfg.n_trials - done))
         while True:
-            finished = study.get_trials(deepcopy=False, states=FINISHED)
-            failed = sum(t.state == optuna.trial.TrialState.FAIL for t in finished)
-            if len(finished) >= cfg.n_trials:
+            trial = take_trial(study, spec, cfg, dims)
+            if trial is None:
                 break
-            if failed and failed / len(finished) > cfg.max_failure_rate and len(finished) >= 2:
-                log.error("study %s: %d of %d trials failed (> search.max_failure_rate=%s); stopping it",
-                          name, failed, len(finished), cfg.max_failure_rate)  # fmt: skip
-                break
-            # Trials are told their results before the next ask, so a seeded sampler with the
-            # same history proposes the same next parameters, and workers sharing the storage
-            # never evaluate one trial twice.
-            trial = study.ask(dims)
-            params = [f"{k}={v}" for k, v in trial.params.items()]
-            ACTIVE_TRIAL = trial
-            try:
-                (ret,) = self.launcher.launch([tuple(overrides + params)], initial_job_idx=self.job_idx)
-            finally:
-                ACTIVE_TRIAL = None
-            self.job_idx += 1
-            self._tell(study, trial, Path(ret.working_dir) if ret.working_dir else None, ret)
+            self._launch(study, trial, overrides)
         write_optuna_plots(study, self.sweep_dir / "optuna" / name)
         return self._study_summary(study)
+
+    def _launch(self, study: optuna.Study, trial: optuna.Trial, overrides: list[str]) -> None:
+        """Run one trial's job in ``<sweep dir>/<study>/trial_<number>`` and tell the study how it went."""
+        global ACTIVE_TRIAL
+        params = [f"{k}={v}" for k, v in trial.params.items()]
+        # The job directory is named by the study and the trial number, both shared by all the
+        # workers of a study, so workers writing into one sweep dir never collide.
+        subdir = f"hydra.sweep.subdir={study.study_name}/trial_{trial.number}"
+        ACTIVE_TRIAL = trial
+        try:
+            (ret,) = self.launcher.launch([tuple(overrides + params + [subdir])], initial_job_idx=trial.number)
+        except BaseException as e:  # Ctrl-C / SIGTERM / launcher error: free the slot, keep the record
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}".splitlines()[0])
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        finally:
+            ACTIVE_TRIAL = None
+        self._tell(study, trial, Path(ret.working_dir) if ret.working_dir else None, ret)
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Path], ret) -> None:
         state, value, error = optuna.trial.TrialState.FAIL, None, "no results.json"

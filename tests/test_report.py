@@ -131,3 +131,21 @@ def test_curves_and_bars_are_drawn(sweep: Path) -> None:
         path = sweep / "plots" / name
         assert path.stat().st_size > 10_000, name
     assert (sweep / "results.csv").exists()  # per-run image plots need the data: skipped, tables kept
+
+
+def test_a_running_record_is_running_while_its_process_lives_and_stopped_after(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    s = tmp_path / "sweep"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for name, host, pid in [("live", socket.gethostname(), os.getpid()), ("dead", socket.gethostname(), int(dead.stdout)),
+                            ("elsewhere", "another-host", 1)]:  # fmt: skip
+        write_run(s / name, "batch", 0, test=0, val=10.0, status="running")
+        res = json.loads((s / name / "results.json").read_text())
+        (s / name / "results.json").write_text(json.dumps({**res, "host": host, "pid": pid}))
+    df = collect([s]).set_index("job")
+    assert df.loc["live", "status"] == "running" and df.loc["elsewhere", "status"] == "running"
+    assert df.loc["dead", "status"] == "stopped" and "ended before the run finished" in df.loc["dead", "error"]

@@ -1,0 +1,98 @@
+"""Where Optuna studies live, and the lock that lets several workers share one study exactly.
+
+``search.storage`` is one of:
+
+* ``null``: ``sqlite:///<launch dir>/optuna/normsweep.db`` (one machine);
+* ``journal:PATH``: Optuna's journal file, for several workers on one machine or a shared
+  filesystem (the recommended multi-worker storage);
+* any SQLAlchemy URL: ``sqlite:///PATH``, ``postgresql://USER@HOST:PORT/DB``, ``mysql://...``.
+
+Workers that share a study take trial slots under :func:`trial_slot_lock`: "count the trials, and
+ask for a new one if fewer than ``search.n_trials`` exist" is one critical section, so the workers
+together run exactly ``n_trials`` trials and each proposal is made after every earlier one exists.
+The lock is a file lock for journal and SQLite files (``<file>.normsweep-lock``), a PostgreSQL
+advisory lock or a MySQL named lock for database servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+from typing import Iterator, Optional
+
+log = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".normsweep-lock"  # beside the storage file; not Optuna's own "<file>.lock"
+
+
+def resolve_storage(url: Optional[str], base: Path) -> str:
+    """The storage spec with the default filled in and relative paths made absolute."""
+    if not url:
+        path = base / "optuna" / "normsweep.db"
+        return f"sqlite:///{path}"
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:") :]).expanduser()
+        return f"journal:{path if path.is_absolute() else base / path}"
+    return url
+
+
+def open_storage(spec: str):
+    """An Optuna storage (or URL Optuna opens itself) for a spec from :func:`resolve_storage`."""
+    if spec.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(spec[len("journal:") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if spec.startswith("sqlite:///"):
+        Path(spec[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return spec
+
+
+def _lock_key(study_name: str) -> int:
+    """A signed 64-bit key for a database advisory lock, the same in every worker."""
+    return int.from_bytes(hashlib.sha1(study_name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def trial_slot_lock(spec: str, study_name: str) -> Iterator[None]:
+    """Hold the lock that serializes "count trials, then ask" among all workers of ``study_name``."""
+    if spec.startswith(("journal:", "sqlite:///")):
+        from filelock import FileLock
+
+        path = spec.split(":", 1)[1] if spec.startswith("journal:") else spec[len("sqlite:///") :]
+        with FileLock(path + LOCK_SUFFIX):
+            yield
+        return
+    dialect = spec.split(":", 1)[0].split("+", 1)[0]
+    if dialect not in ("postgresql", "mysql", "mariadb"):
+        log.warning(
+            "search.storage %s: no cross-worker lock for %s; with several workers the trial count may "
+            "overshoot search.n_trials (use journal:PATH or PostgreSQL for exact counts)", spec, dialect
+        )  # fmt: skip
+        yield
+        return
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(spec, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            if dialect == "postgresql":
+                key = _lock_key(study_name)
+                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            else:
+                name = f"normsweep-{_lock_key(study_name):x}"[:64]
+                conn.execute(sa.text("SELECT GET_LOCK(:n, -1)"), {"n": name})
+                try:
+                    yield
+                finally:
+                    conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
+    finally:
+        engine.dispose()

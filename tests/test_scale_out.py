@@ -1,0 +1,225 @@
+"""Scale-out: parallel launchers, and several Optuna workers sharing one study on journal and PostgreSQL."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from .conftest import REPO, write_folder_dataset
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+PG_INSTALL_HINT = "install the PostgreSQL server: `sudo apt-get install postgresql` (Debian/Ubuntu)"
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory) -> list[str]:
+    root = write_folder_dataset(tmp_path_factory.mktemp("data") / "cifar", n_train=30, n_test=5)
+    cache = tmp_path_factory.mktemp("cache")
+    return [f"data.root={root}", f"data.cache_dir={cache}", "data.val_size=100", "trainer.batch_size=50",
+            "trainer.device=cpu", "trainer.epochs=1"]  # fmt: skip
+
+
+def normsweep(*args: str, cwd: Path = REPO, wait: bool = True):
+    cmd = [sys.executable, "-m", "normsweep", "-m", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def results(sweep: Path) -> pd.DataFrame:
+    return pd.read_csv(sweep / "results.csv")
+
+
+# ------------------------------------------------------------------ launchers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])
+def test_a_two_job_sweep_through_a_parallel_launcher_completes_and_is_collected(
+    tmp_path: Path, data_args, launcher: str
+) -> None:
+    sweep = tmp_path / "sweep"
+    proc = normsweep(f"hydra/launcher={launcher}", "norm=batch,group", *data_args, f"hydra.sweep.dir={sweep}", wait=False)
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-4000:]
+    df = results(sweep)
+    assert sorted(df["norm"]) == ["batch", "group"] and set(df["status"]) == {"completed"}
+    runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    assert len(runs) == 2 and proc.pid not in {r["pid"] for r in runs}  # jobs ran in worker processes
+    # trainer.threads=null: each job gets its share of the cores, never all of them.
+    cores = len(os.sched_getaffinity(0))
+    expected = 1 if launcher == "submitit_local" else max(1, cores // 2)  # preset: cpus_per_task=1 / n_jobs=2
+    assert {r["device"] for r in runs} == {f"cpu ({expected} threads)"}
+    if launcher == "submitit_local":
+        assert len(list((sweep / ".submitit").glob("*/*_log.out"))) == 2
+
+
+def test_launcher_presets_are_checked_against_the_plugins_schemas() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from normsweep.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        slurm = compose("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        assert slurm.hydra.launcher.partition == "gpu" and slurm.hydra.launcher.gpus_per_node == 1
+        assert {"timeout_min", "mem_gb", "cpus_per_task"} <= set(slurm.hydra.launcher)
+        with pytest.raises(Exception, match="n_job"):
+            compose("train", ["hydra/launcher=joblib", "hydra.launcher.n_job=3"], return_hydra_config=True)
+        with pytest.raises(Exception, match="timeout_min"):
+            compose("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=an hour"],
+                    return_hydra_config=True)  # fmt: skip
+
+
+# ------------------------------------------------------------------ several workers, one study
+
+
+def _ask_until_full(spec: str, study_name: str, n_trials: int, start) -> None:
+    """A bare worker: once all are ready, take trial slots as fast as it can, complete each at once."""
+    from normsweep.config import SearchConfig
+    from normsweep.search import take_trial
+    from normsweep.storage import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=study_name, storage=open_storage(spec))
+    dims = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    start.wait(timeout=120)
+    while (trial := take_trial(study, spec, SearchConfig(n_trials=n_trials), dims)) is not None:
+        time.sleep(0.1)  # "training": the others take slots meanwhile
+        study.tell(trial, trial.params["x"])
+
+
+def hammer(spec: str, storage, n_workers: int = 6, n_trials: int = 24) -> list[optuna.trial.FrozenTrial]:
+    """``n_workers`` processes race for the slots of one study; returns its trials."""
+    import multiprocessing
+
+    optuna.create_study(study_name="race", storage=storage, direction="maximize")
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(n_workers)
+    procs = [ctx.Process(target=_ask_until_full, args=(spec, "race", n_trials, start)) for _ in range(n_workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    return optuna.load_study(study_name="race", storage=storage).get_trials()
+
+
+def check_race(trials: list[optuna.trial.FrozenTrial], n_trials: int = 24) -> None:
+    assert len(trials) == n_trials  # without the slot lock, racing workers overshoot
+    assert len({t.params["x"] for t in trials}) == n_trials  # no two workers drew from the same seed
+    assert len({t.user_attrs["worker"] for t in trials}) > 1
+
+
+def test_racing_workers_on_a_journal_file_take_exactly_n_trials(tmp_path: Path) -> None:
+    from normsweep.storage import open_storage
+
+    spec = f"journal:{tmp_path / 'race.journal'}"
+    check_race(hammer(spec, open_storage(spec)))
+
+
+def run_two_workers(storage: str, tmp_path: Path, data_args: list[str], n_trials: int) -> list[subprocess.Popen]:
+    """Start two search workers at once on one storage and one shared sweep dir; wait for both."""
+    args = ["search=optuna", f"search.storage={storage}", f"search.n_trials={n_trials}", "search.pruner=none",
+            "trainer.epochs=2", "trainer.threads=1", *data_args, f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    workers = [normsweep(*args, wait=False) for _ in range(2)]
+    for w in workers:
+        w.output = w.communicate(timeout=600)[0]  # type: ignore[attr-defined]
+    return workers
+
+
+def check_exactly_n_trials(storage, tmp_path: Path, workers: list[subprocess.Popen], n_trials: int) -> None:
+    for w in workers:
+        assert w.returncode == 0, w.output[-4000:]  # type: ignore[attr-defined]
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+    assert len(trials) == n_trials  # a total over both workers
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == n_trials  # no parameters evaluated twice
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, "one worker ran every trial: no concurrency tested"
+    # Both workers wrote into one sweep dir: one job dir per trial, and the table of the last one
+    # to finish lists every trial.
+    jobs = sorted((tmp_path / "sweep").glob("normsweep-*/trial_*/results.json"))
+    assert len(jobs) == n_trials
+    df = results(tmp_path / "sweep")
+    assert len(df) == n_trials and set(df["status"]) == {"completed"}
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_journal_file_run_exactly_n_trials(tmp_path: Path, data_args) -> None:
+    journal = tmp_path / "shared" / "study.journal"
+    workers = run_two_workers(f"journal:{journal}", tmp_path, data_args, n_trials=6)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    check_exactly_n_trials(JournalStorage(JournalFileBackend(str(journal))), tmp_path, workers, n_trials=6)
+
+
+# ------------------------------------------------------------------ a real PostgreSQL server
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server: initdb into a temporary dir, 127.0.0.1 on a free port; stopped after."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip(f"PostgreSQL server binaries (initdb, pg_ctl) not found; {PG_INSTALL_HINT}")
+    pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]' (normsweep's [postgres] extra)")
+    run_as: list[str] = []
+    workdir = Path(tempfile.mkdtemp(prefix="normsweep-pg-"))
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the package's postgres user
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as; " + PG_INSTALL_HINT)
+        os.chown(workdir, user.pw_uid, user.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data, port = workdir / "data", _free_port()
+    subprocess.run([*run_as, initdb, "-D", str(data), "-U", "normsweep", "--auth=trust", "--no-sync"],
+                   check=True, capture_output=True)  # fmt: skip
+    opts = f"-h 127.0.0.1 -p {port} -k {workdir} -c fsync=off"
+    started = subprocess.run([*run_as, pg_ctl, "-D", str(data), "-o", opts, "-l", str(workdir / "log"), "-w", "start"],
+                             capture_output=True, text=True)  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr + (workdir / "log").read_text()
+        yield f"postgresql+psycopg://normsweep@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_racing_workers_on_a_postgresql_server_take_exactly_n_trials(postgres_url) -> None:
+    check_race(hammer(postgres_url, postgres_url))
+
+
+@pytest.mark.slow
+def test_two_workers_on_a_postgresql_server_run_exactly_n_trials(tmp_path: Path, data_args, postgres_url) -> None:
+    workers = run_two_workers(postgres_url, tmp_path, data_args, n_trials=6)
+    check_exactly_n_trials(postgres_url, tmp_path, workers, n_trials=6)
