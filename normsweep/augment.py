@@ -32,40 +32,47 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
     return (f * x + (1 - f) * other).clamp_(0, 1)
 
 
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+def _hue(x: torch.Tensor, maxc: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+    """HSV hue in [0, 1) of RGB images, given their per-pixel max and chroma (max - min)."""
     r, g, b = x.unbind(1)
+    crd = torch.where(cr == 0, torch.ones_like(cr), cr)
+    h = torch.where(maxc == r, (g - b) / crd, torch.where(maxc == g, 2.0 + (b - r) / crd, 4.0 + (r - g) / crd))
+    return torch.remainder(h / 6.0, 1.0)
+
+
+# Channel offsets of the closed-form HSV -> RGB: f(n) = V - C * clamp(min(k, 4 - k), 0, 1),
+# k = (n + 6H) mod 6, with n = 5, 3, 1 for R, G, B and C = V * S the chroma.
+_RGB_OFFSETS = (5.0, 3.0, 1.0)
+
+
+def _from_hue(h: torch.Tensor, maxc: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+    offsets = torch.tensor(_RGB_OFFSETS, device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(offsets + 6.0 * h.unsqueeze(1), 6.0)
+    return maxc.unsqueeze(1) - cr.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0, 1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     maxc, minc = x.amax(1), x.amin(1)
-    eqc = maxc == minc
     cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    crd = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), 1)
+    s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    return torch.stack((_hue(x, maxc, cr), s, maxc), 1)
 
 
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp(0, 1)
-    q = (v * (1.0 - s * f)).clamp(0, 1)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
-    # For each hue sextant i, (r, g, b) is a fixed choice among (v, p, q, t).
-    table = torch.stack(
-        (
-            torch.stack((v, q, p, p, t, v), 1),
-            torch.stack((t, v, v, q, p, p), 1),
-            torch.stack((p, p, t, v, v, q), 1),
-        ),
-        1,
-    )  # (N, 3, 6, H, W)
-    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+    return _from_hue(h, v, v * s)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each image's hue by ``shift[i]`` turns (torchvision's adjust_hue, batched).
+
+    Goes through hue, max and chroma only: saturation and value are never formed, and the
+    closed-form HSV -> RGB needs no per-sextant table.
+    """
+    maxc, minc = x.amax(1), x.amin(1)
+    cr = maxc - minc
+    h = torch.remainder(_hue(x, maxc, cr) + shift.view(-1, 1, 1), 1.0)
+    return _from_hue(h, maxc, cr)
 
 
 def color_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
@@ -80,10 +87,7 @@ def color_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> tor
         f = _uniform(n, 1 - cfg.saturation, 1 + cfg.saturation, g, dev)
         x = _blend(x, _grayscale(x), f)
     if cfg.hue:
-        shift = _uniform(n, -cfg.hue, cfg.hue, g, dev).view(-1, 1, 1)
-        hsv = rgb_to_hsv(x)
-        hsv = torch.stack((torch.remainder(hsv[:, 0] + shift, 1.0), hsv[:, 1], hsv[:, 2]), 1)
-        x = hsv_to_rgb(hsv)
+        x = shift_hue(x, _uniform(n, -cfg.hue, cfg.hue, g, dev))
     return x
 
 

@@ -172,7 +172,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     label_smoothing: float = 0.0
     channels_last: bool = True  # faster convs on CPU and GPU; same numbers
-    bf16: bool = False  # bf16 autocast for forward/backward
+    bf16: Optional[bool] = None  # bf16 autocast; null = on where the hardware has native bf16 (train.use_bf16)
     compile: Optional[str] = None  # torch.compile mode for training steps: default | reduce-overhead | max-autotune
     threads: Optional[int] = None  # torch threads; null = torch default, or the job's share under a parallel launcher (job.job_threads)
     progress: bool = True  # a tqdm bar per epoch (only when attached to a terminal)

@@ -28,7 +28,7 @@ from . import results, search
 from .config import Config, ConfigError, NormsweepError, to_config
 from .data import load_raw, make_splits
 from .models import build_model, count_params
-from .train import CheckpointError, EpochStats, predict, prepare_eval, resolve_device, train
+from .train import CheckpointError, EpochStats, predict, prepare_eval, resolve_device, train, use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ def model_summary(model: torch.nn.Module) -> str:
         model, input_size=(1, 3, 32, 32), col_names=("output_size", "num_params"), verbose=0, device="cpu"
     )
     return str(stats)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this run so far: max allocated on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _overrides() -> list[str]:
@@ -179,6 +188,7 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         "final_train_loss": None,
         "train_seconds": 0.0,
         "seconds_per_epoch": None,
+        "peak_memory_mb": None,
         "device": None,
         "overrides": _overrides(),
         "trial": search.ACTIVE_TRIAL.number if search.ACTIVE_TRIAL else None,
@@ -238,6 +248,7 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
 
     device = resolve_device(cfg.trainer.device)
     record["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    record["bf16"] = bf16 = use_bf16(cfg.trainer.bf16, device)
     d = cfg.data
     record["data_root"] = to_absolute_path(d.root)
     raw = load_raw(record["data_root"], d.format.value, d.download, d.cache_dir and to_absolute_path(d.cache_dir))
@@ -250,8 +261,8 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
             f"(data.train_size={d.train_size}, data.val_size={d.val_size}); lower trainer.batch_size or use more data"
         )
     log.info(
-        "data: %d train, %d val, %d test images from %s; device %s",
-        len(splits.train), len(splits.val), len(splits.test), d.root, record["device"],
+        "data: %d train, %d val, %d test images from %s; device %s, %s",
+        len(splits.train), len(splits.val), len(splits.test), d.root, record["device"], "bf16 autocast" if bf16 else "fp32",
     )  # fmt: skip
 
     def on_epoch(history: list[EpochStats]) -> None:
@@ -267,6 +278,7 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
             final_train_loss=stats.train_loss,
             train_seconds=sum(e["seconds"] for e in h),
             seconds_per_epoch=sum(e["seconds"] for e in h) / len(h),
+            peak_memory_mb=peak_memory_mb(device),
         )
         results.write_json(out / results.RESULTS_FILE, record)
         search.report_epoch(stats.epoch, stats.val_acc)  # may raise optuna.TrialPruned
@@ -277,7 +289,7 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
     log.info("trained in %.1fs", time.perf_counter() - t0)
 
     test_x, test_y = prepare_eval(splits.test, device)
-    preds = predict(model, test_x, channels_last=cfg.trainer.channels_last, bf16=cfg.trainer.bf16)
+    preds = predict(model, test_x, channels_last=cfg.trainer.channels_last, bf16=bf16)
     results.save_predictions(out / results.PREDICTIONS_FILE, splits.test.index, test_y, preds)
     results.save_model(out / results.MODEL_FILE, model, record["config"], splits.classes)
     record["status"] = "completed"

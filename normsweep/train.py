@@ -82,6 +82,28 @@ def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int) -> float:
     raise ValueError(f"scheduler.name={name!r} is unknown")
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo's flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+        flags = next(line for line in text.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False  # not Linux, or no flags line: assume no native bf16
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[-1].split()))
+
+
+def use_bf16(setting: bool | None, device: torch.device) -> bool:
+    """``trainer.bf16``: true/false as given; null = on for GPUs and CPUs with native bf16.
+
+    On CPUs without it, bf16 is emulated and slower than fp32, so auto leaves it off there.
+    """
+    if setting is not None:
+        return setting
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
@@ -172,6 +194,7 @@ def train(
     is saved there after every epoch, and training resumes from it when it exists.
     """
     tc = cfg.trainer
+    bf16 = use_bf16(tc.bf16, device)
     fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
     train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
@@ -217,7 +240,7 @@ def train(
             idx = perm[i : i + tc.batch_size]
             xb = normalize(augment_batch(to_float(train_x[idx]), cfg.augment, gen))
             yb = train_y[idx]
-            with _autocast(device, tc.bf16):
+            with _autocast(device, bf16):
                 loss, logits = train_step_loss(step_model, xb.contiguous(memory_format=fmt), yb, tc.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -231,8 +254,8 @@ def train(
             raise NonFiniteLossError(
                 f"training loss is {train_loss} in epoch {epoch}; lower optimizer.lr (now {cfg.optimizer.lr})"
             )
-        val_acc = accuracy(predict(model, val_x, channels_last=tc.channels_last, bf16=tc.bf16), val_y)
-        test_acc = accuracy(predict(model, test_x, channels_last=tc.channels_last, bf16=tc.bf16), test_y)
+        val_acc = accuracy(predict(model, val_x, channels_last=tc.channels_last, bf16=bf16), val_y)
+        test_acc = accuracy(predict(model, test_x, channels_last=tc.channels_last, bf16=bf16), test_y)
         stats = EpochStats(
             epoch, train_loss, 100.0 * correct.item() / n, val_acc, test_acc, lr, time.perf_counter() - t0
         )

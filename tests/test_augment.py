@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normsweep.augment import augment_batch, hsv_to_rgb, normalize, random_crop, random_flip, rgb_to_hsv
+from normsweep.augment import augment_batch, hsv_to_rgb, normalize, random_crop, random_flip, rgb_to_hsv, shift_hue
 from normsweep.config import AugmentConfig
 
 SEED = AugmentConfig(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1, flip_p=0.3, rotate_deg=10.0)
@@ -64,13 +64,26 @@ def test_hsv_round_trip() -> None:
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
 
 
-def test_hue_jitter_matches_torchvision_for_one_image() -> None:
+def test_hsv_matches_torchvision() -> None:
     from torchvision.transforms.v2 import functional as TF
 
-    x = batch(1)
+    x = batch(4)
+    x[0, :, :4] = 0.5  # grey pixels: zero chroma
+    x[1, :, :, :4] = 0.0  # black pixels
     hsv = rgb_to_hsv(x)
-    shifted = hsv_to_rgb(torch.stack((torch.remainder(hsv[:, 0] + 0.07, 1.0), hsv[:, 1], hsv[:, 2]), 1))
-    assert torch.allclose(shifted, TF.adjust_hue(x, 0.07), atol=1e-4)
+    assert torch.allclose(hsv_to_rgb(torch.stack((torch.remainder(hsv[:, 0] + 0.07, 1.0), hsv[:, 1], hsv[:, 2]), 1)),
+                          TF.adjust_hue(x, 0.07), atol=1e-5)  # fmt: skip
+
+
+def test_batched_hue_shift_matches_torchvision_per_image() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    x = batch(6)
+    x[0, :, :4] = 0.5  # grey pixels keep their colour under any hue shift
+    shifts = torch.tensor([-0.5, -0.1, -0.03, 0.0, 0.07, 0.49])
+    out = shift_hue(x, shifts)
+    for i, s in enumerate(shifts.tolist()):
+        assert torch.allclose(out[i], TF.adjust_hue(x[i : i + 1], s)[0], atol=1e-5), s
 
 
 def test_normalize_standardizes_with_cifar_statistics() -> None:

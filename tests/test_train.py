@@ -120,3 +120,15 @@ def test_compiled_training_step_gives_the_same_loss(splits) -> None:
     eager, _ = train_step_loss(model, x, y, 0.1)
     compiled, _ = train_step_loss(torch.compile(model), x, y, 0.1)
     assert math.isclose(eager.item(), compiled.item(), rel_tol=1e-4)
+
+
+def test_bf16_auto_follows_the_cpu_flags_and_explicit_settings_win() -> None:
+    from normsweep.train import cpu_has_native_bf16, use_bf16
+
+    assert cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 sha_ni\n")
+    assert cpu_has_native_bf16("flags\t\t: fpu amx_tile amx_bf16\n")
+    assert not cpu_has_native_bf16("flags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert not cpu_has_native_bf16("no flags line at all\n")
+    cpu = torch.device("cpu")
+    assert use_bf16(None, cpu) == cpu_has_native_bf16()  # auto reads this machine's /proc/cpuinfo
+    assert use_bf16(True, cpu) is True and use_bf16(False, cpu) is False
