@@ -10,7 +10,8 @@ Pipelines, each with batch 512 and SGD, for each of batch/group/layer norm:
   (b) normsweep- the same network, batch and augmentation through normsweep's path as its
                  defaults set it: data resident on the device as uint8, augmentation on whole
                  batches, channels_last, bf16 autocast where the hardware has native bf16
-                 (trainer.bf16=null; the `bf16` column says whether it was on);
+                 (trainer.bf16=null; the `bf16` column says whether it was on), its cheaper
+                 dropout mask (models.Dropout) and malloc setting (train.keep_freed_memory);
   (c) default  - normsweep's default recipe (its own 47,600-parameter network, crop+flip), same
                  defaults;
   (b') normsweep_fp32 - (b) with bf16 off (trainer.bf16=false), for information.
@@ -36,6 +37,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -113,9 +115,12 @@ def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, d
     from normsweep.config import AugmentConfig
     from normsweep.data import load_raw
     from normsweep.models import build_model, count_params
-    from normsweep.train import resolve_device, use_bf16
+    from normsweep.models import Dropout
+    from normsweep.train import keep_freed_memory, resolve_device, use_bf16
 
     device = resolve_device(device_name)
+    if pipeline != "study" and device.type == "cpu":
+        keep_freed_memory()  # as a normsweep job does
     raw = load_raw(data_root)
     torch.manual_seed(0)
     if pipeline == "default":
@@ -124,6 +129,10 @@ def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, d
     else:
         model = build_model("study", norm, GROUPS[pipeline], 0.02)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if pipeline == "study":  # the study's network as it wrote it: torch's own dropout
+        for m in model.modules():
+            if isinstance(m, Dropout):
+                m.forward = types.MethodType(torch.nn.Dropout.forward, m)
     channels_last = pipeline != "study"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if pipeline == "study":

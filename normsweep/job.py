@@ -28,7 +28,16 @@ from . import results, search
 from .config import Config, ConfigError, NormsweepError, to_config
 from .data import load_raw, make_splits
 from .models import build_model, count_params
-from .train import CheckpointError, EpochStats, predict, prepare_eval, resolve_device, train, use_bf16
+from .train import (
+    CheckpointError,
+    EpochStats,
+    keep_freed_memory,
+    predict,
+    prepare_eval,
+    resolve_device,
+    train,
+    use_bf16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +256,8 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
     check_budget(cfg, params)
 
     device = resolve_device(cfg.trainer.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults for every large activation (train.keep_freed_memory)
     record["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     record["bf16"] = bf16 = use_bf16(cfg.trainer.bf16, device)
     d = cfg.data

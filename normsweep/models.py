@@ -50,6 +50,28 @@ def make_norm(kind: str, channels: int, groups: int, where: str = "") -> nn.Modu
     raise ConfigError(f"norm.kind={kind!r} is unknown; expected one of {NORMS}")
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU mask comes from 64-bit random words split into four 16-bit draws.
+
+    On CPU, ``bernoulli_`` (one Mersenne-Twister draw per element) took about 35% of a training
+    step of the study's network, which has dropout after every conv; a quarter of the draws makes
+    the mask about 3x cheaper. Each element is kept with probability 1 - k/65536,
+    k = round(p * 65536) (within 1e-5 of 1 - p), and scaled by the inverse of that probability,
+    so the expected output equals the input as with ``nn.Dropout``. Same parameters, same eval
+    behaviour; the torch RNG drives it, so seeds and resumes reproduce it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or not dense:
+            return super().forward(x)
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        draws = words.view(torch.int16)[:n].as_strided(x.shape, x.stride())  # uniform over all int16
+        drop = round(self.p * 65536)
+        return torch.where(draws >= drop - 32768, x * (65536 / (65536 - drop)), 0)
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -78,7 +100,7 @@ class ResidualStage(nn.Module):
         self.res = nn.Sequential(
             *[ConvNormAct(c_out, c_out, norm, groups, f"{name}.res{i}") for i in range(depth)]
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.down(x)
@@ -135,7 +157,7 @@ class StudyNet(nn.Module):
                 nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
                 nn.ReLU(inplace=True),
                 make_norm(norm, c_out, groups, where),
-                nn.Dropout(dropout),
+                Dropout(dropout),
             )
 
         def transition(c_in: int, c_out: int) -> nn.Conv2d:

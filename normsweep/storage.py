@@ -39,7 +39,7 @@ def resolve_storage(url: Optional[str], base: Path) -> str:
 
 
 def open_storage(spec: str):
-    """An Optuna storage (or URL Optuna opens itself) for a spec from :func:`resolve_storage`."""
+    """The Optuna storage for a spec from :func:`resolve_storage`."""
     if spec.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -49,7 +49,12 @@ def open_storage(spec: str):
         return JournalStorage(JournalFileBackend(str(path)))
     if spec.startswith("sqlite:///"):
         Path(spec[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return spec
+    from optuna.storages import RDBStorage
+
+    # Optuna creates its tables when it first opens a database; workers starting together on an
+    # empty one would race to create them (a duplicate-key error on PostgreSQL), so one at a time.
+    with trial_slot_lock(spec, "normsweep: create the schema"):
+        return RDBStorage(spec)
 
 
 def _lock_key(study_name: str) -> int:
@@ -59,7 +64,10 @@ def _lock_key(study_name: str) -> int:
 
 @contextlib.contextmanager
 def trial_slot_lock(spec: str, study_name: str) -> Iterator[None]:
-    """Hold the lock that serializes "count trials, then ask" among all workers of ``study_name``."""
+    """Hold the lock that serializes "count trials, then ask" among all workers of ``study_name``.
+
+    ``study_name`` only keys the lock: any name gives a lock shared by every worker that uses it.
+    """
     if spec.startswith(("journal:", "sqlite:///")):
         from filelock import FileLock
 

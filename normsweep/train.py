@@ -82,6 +82,27 @@ def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int) -> float:
     raise ValueError(f"scheduler.name={name!r} is unknown")
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed blocks instead of returning them to the OS (Linux).
+
+    By default glibc serves every allocation above 32 MB (one fp32 activation of a 16-channel
+    32x32 map at batch 512 is 33.5 MB) with a fresh ``mmap`` and unmaps it on free, so each
+    training step page-faults its activations in again; that measured 15-35% of an fp32 CPU step.
+    Turning ``mmap`` off (the heap then grows instead, falling back to ``mmap`` only if it cannot)
+    and not trimming the heap does what jemalloc/tcmalloc via LD_PRELOAD do, in-process. Returns
+    whether it applied; a no-op on other C libraries.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+    except (OSError, AttributeError):
+        return False
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo's flags."""
     try:

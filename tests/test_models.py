@@ -101,3 +101,38 @@ def test_unknown_arch_and_norm_are_rejected() -> None:
 def test_widths_and_depths_must_match() -> None:
     with pytest.raises(ValueError, match="model.widths has 3 entries and model.depths 3"):
         build_model("resnet", "batch", 1, 0.0, widths=[8, 16, 32], depths=[1, 1, 1])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_dropout_drops_with_probability_p_and_keeps_the_expectation(channels_last: bool) -> None:
+    from normsweep.models import Dropout
+
+    drop = Dropout(0.02)
+    x = torch.rand(64, 16, 32, 32) + 0.5  # no zeros of its own
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.02) < 0.001  # 1M elements: std of the rate ~1.4e-4
+    scale = 65536 / (65536 - round(0.02 * 65536))
+    assert torch.allclose(y[kept], x[kept] * scale)
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() * scale)  # gradient flows through kept elements only
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the torch RNG drives it: same seed, same mask
+    masks = kept.flatten(1).float().mean(1)
+    assert masks.std() > 0  # per-element, not one mask for all
+    drop.eval()
+    assert drop(x) is x or torch.equal(drop(x), x)
+
+
+def test_keep_freed_memory_applies_on_glibc() -> None:
+    import platform
+
+    from normsweep.train import keep_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory()
