@@ -176,6 +176,7 @@ class TrainerConfig:
     compile: Optional[str] = None  # torch.compile mode for training steps: default | reduce-overhead | max-autotune
     threads: Optional[int] = None  # torch threads; null = torch default, or the job's share under a parallel launcher (job.job_threads)
     progress: bool = True  # a tqdm bar per epoch (only when attached to a terminal)
+    reuse_memory: bool = True  # CPU: keep freed memory for reuse (train.keep_freed_memory); false = lower peak RSS
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

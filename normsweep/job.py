@@ -126,7 +126,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 # Keys that may change between an interrupted run and its resumption without changing its results.
-RESUME_IGNORED = ("trainer.progress", "trainer.threads", "trainer.compile", "data.cache_dir", "data.root", "data.download", "budget.")
+RESUME_IGNORED = ("trainer.progress", "trainer.threads", "trainer.compile", "trainer.reuse_memory", "data.cache_dir", "data.root", "data.download", "budget.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -256,7 +256,7 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
     check_budget(cfg, params)
 
     device = resolve_device(cfg.trainer.device)
-    if device.type == "cpu":
+    if device.type == "cpu" and cfg.trainer.reuse_memory:
         keep_freed_memory()  # no page faults for every large activation (train.keep_freed_memory)
     record["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     record["bf16"] = bf16 = use_bf16(cfg.trainer.bf16, device)

@@ -57,7 +57,7 @@ METRICS = [
 ]  # fmt: skip
 ACCURACIES = ["best_val_acc", "final_val_acc", "final_test_acc"]
 # Overrides that say where or how fast a run went, not what it was: never comparison columns.
-NOT_SETTINGS = ("data.root", "data.cache_dir", "data.download", "trainer.threads", "trainer.progress",
+NOT_SETTINGS = ("data.root", "data.cache_dir", "data.download", "trainer.threads", "trainer.progress", "trainer.reuse_memory",
                 "trainer.device", "trainer.compile", "hydra.", "search")  # fmt: skip
 
 

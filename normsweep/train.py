@@ -136,7 +136,7 @@ def prepare_eval(split: Split, device: torch.device) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, x: torch.Tensor, batch_size: int = 1024, channels_last: bool = False, bf16: bool = False
+    model: nn.Module, x: torch.Tensor, batch_size: int = 512, channels_last: bool = False, bf16: bool = False
 ) -> torch.Tensor:
     """Predicted class of every image in ``x`` (normalized floats), in eval mode."""
     was_training = model.training
