@@ -85,22 +85,18 @@ def trial_slot_lock(spec: str, study_name: str) -> Iterator[None]:
         return
     import sqlalchemy as sa
 
+    key = _lock_key(study_name)
+    if dialect == "postgresql":  # a session-level advisory lock, held by this connection
+        lock, unlock, params = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", {"k": key}
+    else:  # MySQL / MariaDB named lock, waiting as long as it takes
+        lock, unlock, params = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)", {"k": f"normsweep-{key:x}"[:64]}
     engine = sa.create_engine(spec, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
-            if dialect == "postgresql":
-                key = _lock_key(study_name)
-                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            else:
-                name = f"normsweep-{_lock_key(study_name):x}"[:64]
-                conn.execute(sa.text("SELECT GET_LOCK(:n, -1)"), {"n": name})
-                try:
-                    yield
-                finally:
-                    conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
+            conn.execute(sa.text(lock), params)
+            try:
+                yield
+            finally:
+                conn.execute(sa.text(unlock), params)
     finally:
         engine.dispose()

@@ -61,3 +61,11 @@ def pickle_data(tmp_path: Path) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+def small_data_args(tmp_path_factory, n_train: int = 30, n_test: int = 5) -> list[str]:
+    """CLI overrides for a small class-folder dataset written here (10 classes x n_train images)."""
+    root = write_folder_dataset(tmp_path_factory.mktemp("data") / "cifar", n_train=n_train, n_test=n_test)
+    cache = tmp_path_factory.mktemp("cache")
+    return [f"data.root={root}", f"data.cache_dir={cache}", "data.val_size=100", "trainer.batch_size=50",
+            "trainer.device=cpu"]  # fmt: skip

@@ -17,7 +17,7 @@ from normsweep.data import load_raw, make_splits
 from normsweep.job import config_differences, model_from_config
 from normsweep.train import CheckpointError, train
 
-from .conftest import REPO, write_folder_dataset
+from .conftest import REPO, small_data_args
 from .test_config import make_cfg
 
 TINY = ("trainer.batch_size=25", "trainer.device=cpu", "trainer.progress=false", "model.dropout=0.1")
@@ -72,10 +72,7 @@ def test_config_differences_ignore_keys_that_do_not_change_results() -> None:
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    root = write_folder_dataset(tmp_path_factory.mktemp("data") / "cifar", n_train=150, n_test=20)
-    cache = tmp_path_factory.mktemp("cache")
-    return [f"data.root={root}", f"data.cache_dir={cache}", "data.val_size=100", "trainer.batch_size=50",
-            "trainer.device=cpu", "trainer.threads=1"]  # fmt: skip
+    return [*small_data_args(tmp_path_factory, n_train=150, n_test=20), "trainer.threads=1"]
 
 
 def cli(*args: str, wait: bool = True):

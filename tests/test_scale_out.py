@@ -18,7 +18,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from .conftest import REPO, write_folder_dataset
+from .conftest import REPO, small_data_args
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -27,10 +27,7 @@ PG_INSTALL_HINT = "install the PostgreSQL server: `sudo apt-get install postgres
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    root = write_folder_dataset(tmp_path_factory.mktemp("data") / "cifar", n_train=30, n_test=5)
-    cache = tmp_path_factory.mktemp("cache")
-    return [f"data.root={root}", f"data.cache_dir={cache}", "data.val_size=100", "trainer.batch_size=50",
-            "trainer.device=cpu", "trainer.epochs=1"]  # fmt: skip
+    return [*small_data_args(tmp_path_factory), "trainer.epochs=1"]
 
 
 def normsweep(*args: str, cwd: Path = REPO, wait: bool = True):

@@ -14,7 +14,7 @@ import yaml
 
 from normsweep.search import split_overrides, to_distribution
 
-from .conftest import REPO, write_folder_dataset
+from .conftest import REPO, small_data_args
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -43,10 +43,7 @@ def test_command_line_intervals_are_dimensions_other_sweeps_are_a_grid() -> None
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    root = write_folder_dataset(tmp_path_factory.mktemp("data") / "cifar", n_train=30, n_test=5)
-    cache = tmp_path_factory.mktemp("cache")
-    return [f"data.root={root}", f"data.cache_dir={cache}", "data.val_size=100", "trainer.batch_size=50",
-            "trainer.device=cpu", "trainer.threads=1", "trainer.epochs=1"]  # fmt: skip
+    return [*small_data_args(tmp_path_factory), "trainer.threads=1", "trainer.epochs=1"]
 
 
 def search(tmp_path: Path, data_args: list[str], *args: str, sweep: str = "sweep") -> subprocess.CompletedProcess:
