@@ -56,11 +56,12 @@ GROUPS = {"study": 2, "normsweep": 2, "default": 4, "normsweep_fp32": 2}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
+    """A run's peak memory (normsweep.job.peak_memory_mb) plus its largest DataLoader worker on CPU."""
+    from normsweep.job import peak_memory_mb
+
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # DataLoader workers (the largest)
-    return (self_kb + children_kb) / 1024
+        return peak_memory_mb(device)
+    return peak_memory_mb(device) + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def _study_batches(raw, device):
@@ -213,7 +214,7 @@ def time_to_target(norm: str, target: float, data_root: str, device_name: str) -
     reached = bool(seen) and seen[-1].test_acc >= target
     return {"norm": norm, "target": target, "reached": reached, "epochs": len(seen),
             "test_acc": seen[-1].test_acc if seen else None, "seconds": wall if reached else None,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+            "peak_rss_mb": _peak_memory_mb(torch.device("cpu"))}  # fmt: skip
 
 
 def _from_sweep(sweep: Path, target: float, med) -> str:

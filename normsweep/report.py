@@ -90,11 +90,11 @@ def _alive(res: dict) -> bool:
     if res.get("host") != socket.gethostname() or not res.get("pid"):
         return True
     try:
-        os.kill(int(res["pid"]), 0)
+        os.kill(int(res["pid"]), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, owned by someone else
+        pass
     return True
 
 

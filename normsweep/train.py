@@ -7,6 +7,7 @@ the device and are read once per epoch (no host sync per step).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -93,16 +94,16 @@ def keep_freed_memory() -> bool:
     whether it applied; a no-op on other C libraries.
     """
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
         m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
         return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
     except (OSError, AttributeError):
         return False
 
 
+@functools.lru_cache(maxsize=None)  # the job and the training loop both ask; read /proc/cpuinfo once
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo's flags."""
     try:
