@@ -47,7 +47,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 BATCH = 512
-NORMS = ("batch", "group", "layer")
+NORMS = ("batch", "group", "layer")  # the study's three; any of normsweep.norms.NORMS via --norms
 PIPELINES = ("study", "normsweep", "default", "normsweep_fp32")
 GROUPS = {"study": 2, "normsweep": 2, "default": 4, "normsweep_fp32": 2}
 
@@ -253,7 +253,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=12, help="timed training steps per measurement")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--norms", nargs="+", default=list(NORMS))
+    from normsweep.norms import NORMS as ALL_NORMS
+
+    p.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(ALL_NORMS))
     p.add_argument("--time-to-target", action="store_true", help="also train the default recipe to 70%% per norm")
     p.add_argument("--target", type=float, default=70.0)
     p.add_argument("--from-sweep", metavar="DIR", help="also read epochs/seconds to the target from a sweep's results.json files")

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import ConfigError, NormsweepError  # noqa: F401 - the config's errors, imported from here too
+from .norms import NORMS
 
-class NormKind(str, Enum):
-    batch = "batch"
-    group = "group"
-    layer = "layer"
-    instance = "instance"
-    none = "none"
+
+NormKind = Enum("NormKind", {kind: kind for kind in NORMS}, type=str)  # norms.NORMS: one registry
 
 
 class Arch(str, Enum):
@@ -48,12 +46,6 @@ class DataFormat(str, Enum):
     folder = "folder"  # ROOT/train/<class>/*.jpg|png, ROOT/test/<class>/...
 
 
-class NormsweepError(Exception):
-    """A problem the user can fix (config, data, budget); its message names the key or file and the fix."""
-
-
-class ConfigError(NormsweepError, ValueError):
-    """A config value that cannot work."""
 
 
 def _fail(key: str, value, expected: str) -> None:
@@ -64,6 +56,7 @@ def _fail(key: str, value, expected: str) -> None:
 class NormConfig:
     kind: NormKind = NormKind.batch
     groups: int = 4  # GroupNorm only; must divide every layer's channels
+    ws: bool = False  # Weight Standardization of the convs that feed a norm (models.WSConv2d)
 
     def __post_init__(self) -> None:
         if self.groups < 1:
@@ -177,6 +170,8 @@ class TrainerConfig:
     threads: Optional[int] = None  # torch threads; null = torch default, or the job's share under a parallel launcher (job.job_threads)
     progress: bool = True  # a tqdm bar per epoch (only when attached to a terminal)
     reuse_memory: bool = True  # CPU: keep freed memory for reuse (train.keep_freed_memory); false = lower peak RSS
+    ema_decay: Optional[float] = None  # evaluate an EMA of the weights (per step, e.g. 0.99); null = off
+    tta_flip: bool = True  # also report final accuracy of the mean of each image's and its mirror's logits
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -189,6 +184,8 @@ class TrainerConfig:
             _fail("trainer.threads", self.threads, "an integer >= 1, or null")
         if self.compile not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             _fail("trainer.compile", self.compile, "null, default, reduce-overhead or max-autotune")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            _fail("trainer.ema_decay", self.ema_decay, "a decay per step in (0, 1), or null for no EMA")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail("trainer.device", self.device, "auto, cpu, cuda or cuda:N")
 
@@ -202,15 +199,43 @@ class BudgetConfig:
     enforce: bool = True
 
 
+class LoggerKind(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+
+
+@dataclass
+class LoggerConfig:
+    """An experiment tracker that sees every run live (normsweep/trackers.py); the files are written either way."""
+
+    kind: LoggerKind = LoggerKind.none
+    dir: Optional[str] = None  # tensorboard: root for the run directories; null = each job's own directory
+    tracking_uri: Optional[str] = None  # mlflow: null = $MLFLOW_TRACKING_URI or sqlite:///<launch dir>/mlruns.db
+    experiment: Optional[str] = None  # mlflow: experiment name; null = the sweep directory (a single run: normsweep)
+
+    def __post_init__(self) -> None:
+        if self.dir is not None and self.kind != LoggerKind.tensorboard:
+            _fail("logger.dir", self.dir, "null unless logger=tensorboard")
+        for key in ("tracking_uri", "experiment"):
+            if getattr(self, key) is not None and self.kind != LoggerKind.mlflow:
+                _fail(f"logger.{key}", getattr(self, key), "null unless logger=mlflow")
+
+
+PRUNERS = ("median", "none", "threshold", "hyperband", "successive_halving")
+
+
 @dataclass
 class SearchConfig:
     n_trials: int = 20  # total finished trials per study (a resumed search runs only the missing ones)
     seed: int = 0  # TPE sampler seed
     storage: Optional[str] = None  # SQLAlchemy URL or journal:PATH; default sqlite:///optuna/normsweep.db
     study_name: Optional[str] = None  # default: derived from the fixed overrides, one per grid point
-    pruner: str = "median"  # median | none | threshold
+    pruner: str = "median"  # median | none | threshold | hyperband | successive_halving
     prune_below: float = 0.0  # threshold pruner: prune when validation accuracy is below this
     pruner_startup_trials: int = 3  # median pruner: trials that are never pruned
+    min_resource: int = 1  # hyperband/successive_halving: epochs every trial gets before it can be pruned
+    reduction_factor: int = 3  # hyperband/successive_halving: keep the best 1/reduction_factor at each rung
     max_failure_rate: float = 0.5
     params: dict[str, str] = field(
         default_factory=lambda: {"model.dropout": "interval(0.0, 0.2)", "optimizer.lr": "tag(log, interval(1e-3, 1.0))"}
@@ -219,8 +244,12 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.n_trials < 1:
             _fail("search.n_trials", self.n_trials, "an integer >= 1")
-        if self.pruner not in ("median", "none", "threshold"):
-            _fail("search.pruner", self.pruner, "median, none or threshold")
+        if self.pruner not in PRUNERS:
+            _fail("search.pruner", self.pruner, " | ".join(PRUNERS))
+        if self.min_resource < 1:
+            _fail("search.min_resource", self.min_resource, "epochs >= 1")
+        if self.reduction_factor < 2:
+            _fail("search.reduction_factor", self.reduction_factor, "an integer >= 2")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             _fail("search.max_failure_rate", self.max_failure_rate, "a fraction in [0, 1]")
 
@@ -235,12 +264,32 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=tensorboard | mlflow
     search: Optional[SearchConfig] = None  # set by search=optuna; read by the sweeper
+
+
+# Keys that say where or how a run executes, not what it computes. Declared once, here: a resume
+# may change them (job.config_differences), a search study does not depend on them
+# (search.study_name_for), the comparison table does not show them as settings (report) and job
+# directories are not named after them (conf/train.yaml, through the resolver registered below).
+RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
+    "data.root", "data.cache_dir", "data.download",
+    "trainer.device", "trainer.threads", "trainer.progress", "trainer.compile", "trainer.reuse_memory",
+    *(f"budget.{f.name}" for f in fields(BudgetConfig)),
+    "logger", *(f"logger.{f.name}" for f in fields(LoggerConfig)),  # where a run is also logged
+)  # fmt: skip
+
+
+def is_result_neutral(key: str) -> bool:
+    """Whether ``key`` (e.g. ``trainer.threads``, or an override ``+trainer.threads=2``) is in :data:`RESULT_NEUTRAL_KEYS`."""
+    return key.split("=", 1)[0].lstrip("+~") in RESULT_NEUTRAL_KEYS
 
 
 def register_configs() -> None:
     """Register the schema; ``conf/train.yaml`` lists ``normsweep_schema`` first in its defaults."""
     ConfigStore.instance().store(name="normsweep_schema", node=Config)
+    if not OmegaConf.has_resolver("normsweep_result_neutral_keys"):
+        OmegaConf.register_new_resolver("normsweep_result_neutral_keys", lambda: list(RESULT_NEUTRAL_KEYS))
     # conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml are presets that take the
     # launcher plugins' own names, so Hydra checks them against the plugins' schemas (a mistyped key
     # fails at start). Hydra 1.3 warns that this matching is deprecated; it is what we want here.

@@ -10,6 +10,11 @@ Two layouts are read, and detected from what ``data.root`` holds:
 Decoded images are cached as one uint8 tensor file per source (``data.cache_dir``), so a second
 run starts within seconds. The cache records a format version, a fingerprint of the source files
 and a checksum of its contents; a cache that does not match is rebuilt, never trusted.
+
+Nothing read here executes code: the pickle batches go through :class:`CifarUnpickler`, which
+admits only what a CIFAR-10 batch holds, and the cache is read with ``weights_only=True``.
+Hidden files (names starting with '.', such as macOS's ``._name.jpg`` and ``.DS_Store``) are
+not data and are skipped.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import results
 from .config import NormsweepError
 
 log = logging.getLogger(__name__)
@@ -114,14 +119,54 @@ def download_pickle(root: Path) -> None:
         ) from e
 
 
+# Every global a CIFAR-10 batch pickle refers to: numpy arrays (numpy 1.x and 2.x module names;
+# _frombuffer is how numpy pickles an array at protocol 5), the dtype, and what Python 3 writes
+# for bytes at protocols 0-2. Dicts, lists, strings and numbers need no global at all.
+PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("_codecs", "encode"), ("__builtin__", "bytes"), ("builtins", "bytes"),
+})  # fmt: skip
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that admits only what a CIFAR-10 batch holds, so reading one never runs code.
+
+    ``pickle.load`` calls whatever callable a file names (``os.system``, ``builtins.open``, ...);
+    this one refuses every global outside :data:`PICKLE_GLOBALS` before it is looked up, with a
+    :class:`DataError` naming the file and the global.
+    """
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")  # the original batches were written by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise DataError(
+                f"{self.path} refers to {module}.{name}, which a CIFAR-10 batch never holds (only dicts, lists, "
+                f"strings, numbers and numpy arrays); refused, nothing in it was run. Delete "
+                f"{self.path.parent} and download CIFAR-10 again (data.download=true)"
+            )
+        return super().find_class(module, name)
+
+
+def load_pickle(path: Path) -> object:
+    """One CIFAR-10 pickle (a batch or ``batches.meta``), read with :class:`CifarUnpickler`."""
+    with open(path, "rb") as f:
+        return CifarUnpickler(f, path).load()
+
+
 def _unpickle(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+        batch = load_pickle(path)
         x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(batch["labels"], dtype=np.int64)
     except FileNotFoundError:
         raise DataError(f"{path} is missing; a cifar-10-batches-py folder needs data_batch_1..5 and test_batch")
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(
             f"{path} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); "
@@ -136,22 +181,47 @@ def read_pickle(root: Path) -> RawCIFAR:
     folder = root / PICKLE_DIR
     train = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
     test = _unpickle(folder / "test_batch")
+    classes = _read_meta(folder / "batches.meta", max(int(b["y"].max(initial=0)) for b in [*train, test]))
     return RawCIFAR(
         torch.from_numpy(np.concatenate([b["x"] for b in train])),
         torch.from_numpy(np.concatenate([b["y"] for b in train])),
         torch.from_numpy(test["x"]),
         torch.from_numpy(test["y"]),
-        CLASSES,
+        classes,
     )
 
 
+def _read_meta(path: Path, max_label: int) -> tuple[str, ...]:
+    """The class names in ``batches.meta`` (CIFAR-10's own order), or :data:`CLASSES` without one."""
+    if not path.exists():
+        return CLASSES
+    try:
+        names = load_pickle(path)["label_names"]
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path} is not a readable CIFAR-10 batches.meta ({type(e).__name__}: {e}); "
+                        f"delete the folder and download it again (data.download=true)") from e  # fmt: skip
+    names = [n.decode() if isinstance(n, bytes) else n for n in names]
+    if not all(isinstance(n, str) for n in names) or len(names) <= max_label:
+        raise DataError(f"{path}: label_names {names!r} do not name labels 0..{max_label}")
+    return tuple(names)
+
+
+def _hidden(name: str) -> bool:
+    """Not data: macOS's ``._name.jpg`` resource forks and ``.DS_Store``, and any other dot-file."""
+    return name.startswith(".")
+
+
 def _class_files(split_dir: Path) -> dict[str, list[Path]]:
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not _hidden(p.name))
     if not classes:
         raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/*.jpg|png")
     files = {}
     for c in classes:
-        files[c] = sorted(p for p in (split_dir / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files[c] = sorted(
+            p for p in (split_dir / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p.name)
+        )
         if not files[c]:
             raise DataError(f"class folder {split_dir / c} holds no .png/.jpg images")
     return files
@@ -207,12 +277,12 @@ def default_cache_dir() -> Path:
 
 
 def source_fingerprint(root: Path, fmt: str) -> str:
-    """A hash of the source files' names, sizes and modification times."""
+    """A hash of the source files' names, sizes and modification times (hidden files left out)."""
     h = hashlib.sha256(f"v{CACHE_VERSION}:{fmt}:{root.resolve()}".encode())
     base = root / PICKLE_DIR if fmt == "pickle" else root
     for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
-        for name in sorted(filenames):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        for name in sorted(f for f in filenames if not _hidden(f)):
             st = os.stat(os.path.join(dirpath, name))
             h.update(f"{os.path.relpath(os.path.join(dirpath, name), base)}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
@@ -228,7 +298,7 @@ def _checksum(raw: RawCIFAR) -> str:
 
 def _read_cache(path: Path, fingerprint: str) -> RawCIFAR | None:
     try:
-        blob = torch.load(path, weights_only=True)
+        blob = results.load_torch(path)  # never executes code
         raw = RawCIFAR(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], tuple(blob["classes"]))
         if blob["version"] != CACHE_VERSION or blob["fingerprint"] != fingerprint:
             raise ValueError("made from other source files or by another normsweep version")
@@ -241,7 +311,6 @@ def _read_cache(path: Path, fingerprint: str) -> RawCIFAR | None:
 
 
 def _write_cache(path: Path, raw: RawCIFAR, fingerprint: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "version": CACHE_VERSION,
         "fingerprint": fingerprint,
@@ -252,14 +321,7 @@ def _write_cache(path: Path, raw: RawCIFAR, fingerprint: str) -> None:
         "test_y": raw.test_y,
         "classes": list(raw.classes),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    results.save_torch(path, blob)  # atomic: readers see the old file or the new one
 
 
 def load_raw(root: str | Path, fmt: str = "auto", download: bool = False, cache_dir: str | Path | None = None) -> RawCIFAR:
@@ -282,8 +344,9 @@ def load_raw(root: str | Path, fmt: str = "auto", download: bool = False, cache_
     raw = read_pickle(root) if fmt == "pickle" else read_folder(root)
     try:
         _write_cache(cache_file, raw, fingerprint)
-    except OSError as e:  # a read-only cache dir costs time, not the run
-        log.warning("could not write the data cache %s (%s); pass data.cache_dir=PATH", cache_file, e)
+    except OSError as e:  # a full disk or read-only cache dir costs time, not the run
+        log.warning("not caching the decoded images: %s; this run goes on without the cache "
+                    "(or pass data.cache_dir=PATH to a writable folder with free space)", e)  # fmt: skip
     return raw
 
 

@@ -6,6 +6,8 @@ accuracy so that a sweeper can optimize it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import platform
@@ -24,13 +26,14 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
-from . import results, search
-from .config import Config, ConfigError, NormsweepError, to_config
+from . import results, trackers, trial_hook
+from .config import Config, ConfigError, NormsweepError, is_result_neutral, to_config
 from .data import load_raw, make_splits
-from .models import build_model, count_params
+from .models import BudgetError, check_budget, count_params, model_from_config  # noqa: F401 - BudgetError re-exported
 from .train import (
     CheckpointError,
     EpochStats,
+    accuracy,
     keep_freed_memory,
     predict,
     prepare_eval,
@@ -40,38 +43,6 @@ from .train import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class BudgetError(NormsweepError, ValueError):
-    """The run would break the study's limits (budget.*)."""
-
-
-def check_budget(cfg: Config, params: int) -> None:
-    b = cfg.budget
-    if not b.enforce:
-        return
-    if params > b.max_params:
-        raise BudgetError(
-            f"the model has {params:,} parameters, over budget.max_params={b.max_params:,}; "
-            f"choose a smaller model (model.widths) or pass budget.enforce=false to go beyond on purpose"
-        )
-    if cfg.trainer.epochs > b.max_epochs:
-        raise BudgetError(
-            f"trainer.epochs={cfg.trainer.epochs} is over budget.max_epochs={b.max_epochs}; "
-            f"lower it or pass budget.enforce=false to go beyond on purpose"
-        )
-
-
-def model_from_config(cfg: Config, num_classes: int = 10) -> torch.nn.Module:
-    return build_model(
-        cfg.model.arch.value,
-        cfg.norm.kind.value,
-        cfg.norm.groups,
-        cfg.model.dropout,
-        cfg.model.widths,
-        cfg.model.depths,
-        num_classes,
-    )
 
 
 def model_summary(model: torch.nn.Module) -> str:
@@ -127,8 +98,6 @@ class RunInterrupted(KeyboardInterrupt):
     """SIGTERM: handled like Ctrl-C — stop, keep the last epoch's checkpoint, say how to resume."""
 
 
-# Keys that may change between an interrupted run and its resumption without changing its results.
-RESUME_IGNORED = ("trainer.progress", "trainer.threads", "trainer.compile", "trainer.reuse_memory", "data.cache_dir", "data.root", "data.download", "budget.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -144,7 +113,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def config_differences(old: dict, new: dict) -> list[str]:
     """Keys whose values differ between two run configs, ignoring those that do not affect results."""
     a, b = _flat(old), _flat(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not k.startswith(RESUME_IGNORED))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not is_result_neutral(k))
 
 
 def _previous_result(out: Path, config: dict) -> dict | None:
@@ -171,7 +140,83 @@ def _resume_hint(out: Path) -> str:
     return f"run the same command with hydra.run.dir={out.resolve()} to resume"
 
 
+RUN_LOCK_FILE = ".normsweep.lock"  # in the job directory; names the process that holds it
+
+
+class RunDirInUse(NormsweepError, RuntimeError):
+    """Another live process is writing this run directory."""
+
+
+def _lock(fd: int) -> None:
+    """An exclusive, non-blocking OS lock on ``fd``, released by the OS when the process ends."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: lock one byte past the holder's line, so that it stays readable
+        import msvcrt
+
+        os.lseek(fd, 4096, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _lock_holder(fd: int) -> str:
+    """The line the holder wrote ("pid N on host H since T"); it may be a moment from being written."""
+    for _ in range(40):
+        text = os.pread(fd, 4096, 0).decode(errors="replace") if hasattr(os, "pread") else ""
+        if text.endswith("\n"):
+            return text.strip()
+        time.sleep(0.05)
+    return "a process that has not written its name"
+
+
+@contextlib.contextmanager
+def hold_run_dir(out: Path):
+    """One writer per run directory: hold an exclusive lock on ``out`` for as long as the block runs.
+
+    The lock is an OS file lock (``flock``) on ``out/.normsweep.lock``, whose text names the holder
+    (pid, host, start). The OS drops it when the holder ends, however it ends (``kill -9`` too), so
+    the file left by a killed process never blocks a resume. A second process stops at once with
+    :class:`RunDirInUse`, naming the holder, before it writes anything of the run.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            _lock(fd)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", -1)):
+                log.warning("cannot lock %s (%s): make sure no other process writes this run", out.resolve(), e)
+            else:
+                msg = (
+                    f"{out.resolve()} is being written by another normsweep run: {_lock_holder(fd)}. Two processes "
+                    f"must not write one run: wait for that one to finish (or, if it hangs, stop it and run the same "
+                    f"command again to resume), or pass another hydra.run.dir (hydra.sweep.dir for a sweep)"
+                )
+                log.error("%s", msg)
+                raise RunDirInUse(msg) from None
+        else:
+            since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            holder = f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n"
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, holder.encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
+    """Train one model as ``dcfg`` says, write its outputs to ``out_dir``; return final val accuracy.
+
+    Holds ``out_dir`` for the whole run (:func:`hold_run_dir`): a second process on the same
+    directory stops at once, naming this one.
+    """
+    with hold_run_dir(Path(out_dir)):
+        return _run_held(dcfg, out_dir)
+
+
+def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
     """Train one model as ``dcfg`` says, write its outputs to ``out_dir``; return final val accuracy.
 
     A directory that already holds this run completed is left as it is (its final validation
@@ -196,13 +241,15 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         "best_epoch": None,
         "final_val_acc": None,
         "final_test_acc": None,
+        "final_val_acc_tta": None,
+        "final_test_acc_tta": None,
         "final_train_loss": None,
         "train_seconds": 0.0,
         "seconds_per_epoch": None,
         "peak_memory_mb": None,
         "device": None,
         "overrides": _overrides(),
-        "trial": search.ACTIVE_TRIAL.number if search.ACTIVE_TRIAL else None,
+        "trial": trial_hook.ACTIVE.number if trial_hook.ACTIVE else None,
         "config": config,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
@@ -219,11 +266,15 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
     # Signal handlers can only be set from the main thread (not so under a thread-based launcher).
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    tracker = trackers.Tracker()  # logger=none until the configured tracker has started
     try:
-        return _run(to_config(dcfg), out, record)
+        cfg = to_config(dcfg)
+        tracker = trackers.make_tracker(cfg.logger, out)
+        tracker.start(config, record)  # logger=tensorboard|mlflow: a missing package stops the run here
+        return _run(cfg, out, record, tracker)
     except BaseException as e:  # record why, then let Hydra report it
         record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if isinstance(e, search.TrialPruned):  # the search stopped this trial early
+        if isinstance(e, trial_hook.RunPruned):  # the search stopped this trial early
             record["status"] = "pruned"
             record["error"] = f"TrialPruned: {e}"
             log.info("run pruned by the search: %s", e)
@@ -238,13 +289,15 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
             record["traceback"] = traceback.format_exc()
             log.error("run failed: %s", e if isinstance(e, NormsweepError) else record["error"])
         results.write_json(out / results.RESULTS_FILE, record)
+        tracker.close(record, trackers.run_files(out))
         raise
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _run(cfg: Config, out: Path, record: dict) -> float:
+def _run(cfg: Config, out: Path, record: dict, tracker: trackers.Tracker | None = None) -> float:
+    tracker = tracker or trackers.Tracker()
     threads = job_threads(cfg.trainer.threads)
     if threads:
         torch.set_num_threads(threads)
@@ -294,7 +347,8 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
             peak_memory_mb=peak_memory_mb(device),
         )
         results.write_json(out / results.RESULTS_FILE, record)
-        search.report_epoch(stats.epoch, stats.val_acc)  # may raise optuna.TrialPruned
+        tracker.log_history(history)  # the epochs the tracker does not hold yet (a resumed run's too)
+        trial_hook.report_epoch(stats.epoch, stats.val_acc)  # may raise RunPruned
 
     t0 = time.perf_counter()
     state_file = out / results.TRAINING_STATE_FILE
@@ -303,15 +357,22 @@ def _run(cfg: Config, out: Path, record: dict) -> float:
 
     test_x, test_y = prepare_eval(splits.test, device)
     preds = predict(model, test_x, channels_last=cfg.trainer.channels_last, bf16=bf16)
+    if cfg.trainer.tta_flip:  # the final model's accuracy with flip test-time augmentation
+        val_x, val_y = prepare_eval(splits.val, device)
+        tta = dict(channels_last=cfg.trainer.channels_last, bf16=bf16, tta_flip=True)
+        record["final_val_acc_tta"] = accuracy(predict(model, val_x, **tta), val_y)
+        record["final_test_acc_tta"] = accuracy(predict(model, test_x, **tta), test_y)
     results.save_predictions(out / results.PREDICTIONS_FILE, splits.test.index, test_y, preds)
     results.save_model(out / results.MODEL_FILE, model, record["config"], splits.classes)
     record["status"] = "completed"
     record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results.write_json(out / results.RESULTS_FILE, record)
     state_file.unlink(missing_ok=True)  # results.json now says completed; the resume state is spent
+    tracker.close(record, trackers.run_files(out))
     log.info(
-        "done: %s norm, %s params, final test %.2f%%, best val %.2f%% (epoch %d), %.1fs/epoch -> %s",
-        record["norm"], f"{params:,}", record["final_test_acc"], record["best_val_acc"], record["best_epoch"],
+        "done: %s norm, %s params, final test %.2f%% (flip TTA %s), best val %.2f%% (epoch %d), %.1fs/epoch -> %s",
+        record["norm"], f"{params:,}", record["final_test_acc"],
+        "off" if record["final_test_acc_tta"] is None else f"{record['final_test_acc_tta']:.2f}%", record["best_val_acc"], record["best_epoch"],
         record["seconds_per_epoch"], out.resolve(),
     )  # fmt: skip
     return float(record["final_val_acc"])

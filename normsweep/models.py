@@ -1,4 +1,4 @@
-"""The CNN family. Where the normalization layer is chosen: :func:`make_norm`.
+"""The CNN family. Models take a ``norm_layer(channels, where)`` callable (``norms.norm_layer``).
 
 Two members:
 
@@ -9,9 +9,7 @@ Two members:
   is both more accurate and cheaper per image than ``study`` while staying under 50,000
   parameters for every norm.
 
-Layer Normalization for conv feature maps is ``GroupNorm(1, C)``: it normalizes each sample over
-(C, H, W) and learns one scale and shift per channel. ``nn.LayerNorm([C, H, W])`` would learn a
-scale and shift per *pixel* (2*C*H*W parameters: 20,480 for a 10x32x32 map) and blow the budget.
+With ``ws`` (``norm.ws``) every 3x3 conv that feeds a norm is weight-standardized (:class:`WSConv2d`).
 """
 
 from __future__ import annotations
@@ -21,33 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError
-
-NORMS = ("batch", "group", "layer", "instance", "none")
-
-
-def make_norm(kind: str, channels: int, groups: int, where: str = "") -> nn.Module:
-    """The normalization layer for a conv feature map with ``channels`` channels.
-
-    ``where`` names the layer in error messages (e.g. ``"stage2.conv"``).
-    """
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        if groups < 1 or channels % groups:
-            raise ConfigError(
-                f"norm.groups={groups} does not divide the {channels} channels of layer {where!r}; "
-                f"GroupNorm needs a group count that divides every layer's channels "
-                f"(choose one of {_divisors(channels)} for this layer, or change model widths)"
-            )
-        return nn.GroupNorm(groups, channels)
-    if kind == "layer":
-        return nn.GroupNorm(1, channels)  # LayerNorm over (C,H,W), per-channel affine
-    if kind == "instance":
-        return nn.GroupNorm(channels, channels)  # InstanceNorm with per-channel affine
-    if kind == "none":
-        return nn.Identity()
-    raise ConfigError(f"norm.kind={kind!r} is unknown; expected one of {NORMS}")
+from .config import Config
+from .errors import ConfigError, NormsweepError
+from .norms import NormLayer, norm_layer
 
 
 class Dropout(nn.Dropout):
@@ -72,8 +46,31 @@ class Dropout(nn.Dropout):
         return torch.where(draws >= drop - 32768, x * (65536 / (65536 - drop)), 0)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+class WSConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with Weight Standardization (Qiao et al. 2019, arXiv:1903.10520).
+
+    Each output channel's filter is standardized to zero mean and unit variance over its
+    (in_channels, kH, kW) weights before the convolution. No parameters are added; the stored
+    weight stays the trained parameter, the effective one is :meth:`standardized_weight`. It smooths
+    the loss landscape for norms that do not use batch statistics (GroupNorm, LayerNorm), which is
+    the known way to bring them up to BatchNorm. Only for convs that feed a norm layer: the norm
+    absorbs the scale the standardization removes.
+    """
+
+    eps = 1e-5
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight.float()
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return ((w - mean) * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+def conv3x3(c_in: int, c_out: int, ws: bool) -> nn.Conv2d:
+    """A bias-free 3x3 conv feeding a norm layer, weight-standardized when ``ws`` (``norm.ws``)."""
+    return (WSConv2d if ws else nn.Conv2d)(c_in, c_out, 3, padding=1, bias=False)
 
 
 def count_params(model: nn.Module) -> int:
@@ -83,23 +80,23 @@ def count_params(model: nn.Module) -> int:
 class ConvNormAct(nn.Sequential):
     """3x3 conv (no bias) -> [maxpool] -> norm -> ReLU."""
 
-    def __init__(self, c_in: int, c_out: int, norm: str, groups: int, where: str, pool: bool = False):
-        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
+    def __init__(self, c_in: int, c_out: int, norm: NormLayer, where: str, pool: bool = False, ws: bool = False):
+        layers: list[nn.Module] = [conv3x3(c_in, c_out, ws)]
         if pool:
             layers.append(nn.MaxPool2d(2))
-        layers += [make_norm(norm, c_out, groups, where), nn.ReLU(inplace=True)]
+        layers += [norm(c_out, where), nn.ReLU(inplace=True)]
         super().__init__(*layers)
 
 
 class ResidualStage(nn.Module):
     """conv -> pool -> norm -> ReLU, then an optional residual block of ``depth`` convs."""
 
-    def __init__(self, c_in: int, c_out: int, depth: int, norm: str, groups: int, dropout: float, name: str):
+    def __init__(
+        self, c_in: int, c_out: int, depth: int, norm: NormLayer, dropout: float, name: str, ws: bool = False
+    ):
         super().__init__()
-        self.down = ConvNormAct(c_in, c_out, norm, groups, f"{name}.down", pool=True)
-        self.res = nn.Sequential(
-            *[ConvNormAct(c_out, c_out, norm, groups, f"{name}.res{i}") for i in range(depth)]
-        )
+        self.down = ConvNormAct(c_in, c_out, norm, f"{name}.down", pool=True, ws=ws)
+        self.res = nn.Sequential(*[ConvNormAct(c_out, c_out, norm, f"{name}.res{i}", ws=ws) for i in range(depth)])
         self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,12 +111,12 @@ class ResNet(nn.Module):
 
     def __init__(
         self,
-        norm: str,
-        groups: int,
+        norm: NormLayer,
         dropout: float,
         widths: Sequence[int],
         depths: Sequence[int],
         num_classes: int = 10,
+        ws: bool = False,
     ):
         super().__init__()
         if len(widths) != len(depths) + 1:
@@ -127,10 +124,10 @@ class ResNet(nn.Module):
                 f"model.widths has {len(widths)} entries and model.depths {len(depths)}; "
                 f"widths needs one more (the stem) than depths (one per stage)"
             )
-        self.stem = ConvNormAct(3, widths[0], norm, groups, "stem")
+        self.stem = ConvNormAct(3, widths[0], norm, "stem", ws=ws)
         self.stages = nn.Sequential(
             *[
-                ResidualStage(widths[i], widths[i + 1], depths[i], norm, groups, dropout, f"stage{i + 1}")
+                ResidualStage(widths[i], widths[i + 1], depths[i], norm, dropout, f"stage{i + 1}", ws)
                 for i in range(len(depths))
             ]
         )
@@ -149,14 +146,14 @@ class StudyNet(nn.Module):
     classifier after global average pooling. No biases.
     """
 
-    def __init__(self, norm: str, groups: int, dropout: float, num_classes: int = 10):
+    def __init__(self, norm: NormLayer, dropout: float, num_classes: int = 10, ws: bool = False):
         super().__init__()
 
         def block(c_in: int, c_out: int, where: str) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                conv3x3(c_in, c_out, ws),
                 nn.ReLU(inplace=True),
-                make_norm(norm, c_out, groups, where),
+                norm(c_out, where),
                 Dropout(dropout),
             )
 
@@ -185,10 +182,49 @@ def build_model(
     widths: Sequence[int] = (),
     depths: Sequence[int] = (),
     num_classes: int = 10,
+    ws: bool = False,
 ) -> nn.Module:
-    """The network named by ``model.arch`` with the norm named by ``norm.kind``."""
+    """The network named by ``model.arch`` with ``norm.kind`` layers (``norm.groups`` for GroupNorm).
+
+    ``ws`` (``norm.ws``): Weight Standardization for every 3x3 conv that feeds a norm layer.
+    """
+    layer = norm_layer(norm, groups)
     if arch == "study":
-        return StudyNet(norm, groups, dropout, num_classes)
+        return StudyNet(layer, dropout, num_classes, ws=ws)
     if arch == "resnet":
-        return ResNet(norm, groups, dropout, widths, depths, num_classes)
+        return ResNet(layer, dropout, widths, depths, num_classes, ws=ws)
     raise ConfigError(f"model.arch={arch!r} is unknown; expected one of {ARCHS}")
+
+
+class BudgetError(NormsweepError, ValueError):
+    """The run would break the study's limits (budget.*)."""
+
+
+def check_budget(cfg: Config, params: int) -> None:
+    b = cfg.budget
+    if not b.enforce:
+        return
+    if params > b.max_params:
+        raise BudgetError(
+            f"the model has {params:,} parameters, over budget.max_params={b.max_params:,}; "
+            f"choose a smaller model (model.widths) or pass budget.enforce=false to go beyond on purpose"
+        )
+    if cfg.trainer.epochs > b.max_epochs:
+        raise BudgetError(
+            f"trainer.epochs={cfg.trainer.epochs} is over budget.max_epochs={b.max_epochs}; "
+            f"lower it or pass budget.enforce=false to go beyond on purpose"
+        )
+
+
+def model_from_config(cfg: Config, num_classes: int = 10) -> nn.Module:
+    """The model ``cfg`` describes: ``model.*`` picks the network, ``norm.*`` its norm layers."""
+    return build_model(
+        cfg.model.arch.value,
+        cfg.norm.kind.value,
+        cfg.norm.groups,
+        cfg.model.dropout,
+        cfg.model.widths,
+        cfg.model.depths,
+        num_classes,
+        ws=cfg.norm.ws,
+    )

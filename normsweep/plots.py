@@ -2,7 +2,8 @@
 
 * ``loss.png``               training loss per epoch, every run on one figure, one colour per norm;
 * ``accuracy.png``           validation and test accuracy per epoch, same style;
-* ``test_accuracy.png``      final test accuracy per configuration, error bars over seeds;
+* ``test_accuracy.png``      final test accuracy per configuration: mean over seeds with its 95%
+  confidence interval (t distribution, n-1 degrees of freedom), n in each bar's label;
 * ``<job>/mispredicted.png`` test images the run's *trained* model gets wrong (from its saved
   predictions), with true and predicted class;
 * ``<job>/confusion.png``    the test-set confusion matrix.
@@ -26,12 +27,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .data import CLASSES  # noqa: E402
+from .norms import NORMS  # noqa: E402
 from .results import PREDICTIONS_FILE, RESULTS_FILE, atomic_write  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-NORM_COLOURS = {"batch": "tab:blue", "group": "tab:orange", "layer": "tab:green", "instance": "tab:purple",
-                "none": "tab:gray"}  # fmt: skip
+# One colour per norm, in the registry's order: matplotlib's default cycle C0, C1, ...
+NORM_COLOURS = {kind: f"C{i}" for i, kind in enumerate(NORMS)}
 
 
 def _save(fig, path: Path, dpi: int) -> None:
@@ -99,17 +101,33 @@ def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     return [out / "loss.png", out / "accuracy.png"]
 
 
+def bar_stats(df: pd.DataFrame, metric: str = "final_test_acc", confidence: float = 0.95) -> pd.DataFrame:
+    """Per configuration (runs that differ only by seed): mean, std, n and the half-width of the
+    ``confidence`` interval of the mean, t(n-1) · std / sqrt(n) (0 for a single run), lowest mean first."""
+    from scipy.stats import t
+
+    labelled = df.assign(label=run_label(df))  # the same labels as the curves
+    done = labelled[(labelled["status"] == "completed") & labelled[metric].notna()]
+    stats = done.groupby("label", sort=False)[metric].agg(["mean", "std", "count"])
+    stats = stats.sort_values("mean", kind="stable")
+    n = stats["count"].to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = t.ppf((1 + confidence) / 2, n - 1) * stats["std"].to_numpy() / np.sqrt(n)
+    stats["ci"] = np.where(n > 1, half, 0.0)
+    return stats
+
+
 def plot_test_accuracy_bars(df: pd.DataFrame, out: Path) -> Path:
-    done = df[df["status"] == "completed"].assign(label=run_label(df))
-    stats = done.groupby("label", sort=False)["final_test_acc"].agg(["mean", "std", "count"]).sort_values("mean")
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(stats) + 1.5))
+    stats = bar_stats(df)
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(stats) + 1.5))
     colours = [NORM_COLOURS.get(lab.split()[0], "tab:gray") for lab in stats.index]
-    ax.barh(stats.index, stats["mean"], xerr=stats["std"].fillna(0), color=colours, capsize=4)
-    for y, (m, n) in enumerate(zip(stats["mean"], stats["count"])):
-        ax.text(m + 0.3, y, f"{m:.1f}%" + (f" (n={n})" if n > 1 else ""), va="center", fontsize=8)
+    ax.barh(stats.index, stats["mean"], xerr=stats["ci"], color=colours, capsize=4)
+    for y, (m, h, n) in enumerate(zip(stats["mean"], stats["ci"], stats["count"])):
+        text = f"{m:.1f}% ± {h:.1f} (95% CI, n={n})" if n > 1 else f"{m:.1f}% (n=1, no interval)"
+        ax.text(m + h + 0.3, y, text, va="center", fontsize=8)
     ax.axvline(70, color="k", linestyle="--", linewidth=0.8, label="70% target")
     ax.set_xlim(max(0, stats["mean"].min() - 15) if len(stats) else 0, 100)
-    ax.set_xlabel("final test accuracy (%)")
+    ax.set_xlabel("final test accuracy (%): mean over seeds, error bar 95% CI (t, n−1 dof)")
     ax.set_title("Final test accuracy per configuration")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

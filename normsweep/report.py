@@ -5,6 +5,10 @@
 * ``results.csv`` / ``results.md``: one row per run, sorted by final test accuracy;
 * ``results_by_config.csv`` / ``.md``: runs that differ only by ``trainer.seed`` grouped, with
   mean, standard deviation and n of each accuracy (written when some configuration has >1 seed);
+* ``comparisons.csv`` / ``.md``: with those, every pair of configurations that differ in one
+  setting: difference in mean final test accuracy with its 95% confidence interval, Welch's
+  t-test p-value, whether the pair is distinguishable at p < 0.05, and the seeds per
+  configuration that would resolve the difference (:func:`compare_configs`);
 * ``plots/``: the figures of :mod:`normsweep.plots`.
 
 The same report is written at the end of every multirun by :class:`ReportCallback` (registered
@@ -19,17 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import socket
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .config import is_result_neutral
 from .results import RESULTS_FILE, write_text
 
 log = logging.getLogger(__name__)
@@ -38,6 +47,7 @@ log = logging.getLogger(__name__)
 SETTINGS = [
     ("norm", "norm.kind"),
     ("groups", "norm.groups"),
+    ("ws", "norm.ws"),
     ("model", "model.arch"),
     ("augment", None),
     ("optimizer", "optimizer.name"),
@@ -47,18 +57,23 @@ SETTINGS = [
     ("dropout", "model.dropout"),
     ("batch_size", "trainer.batch_size"),
     ("label_smoothing", "trainer.label_smoothing"),
+    ("ema_decay", "trainer.ema_decay"),
     ("epochs", "trainer.epochs"),
     ("train_size", "data.train_size"),
     ("seed", "trainer.seed"),
 ]
 METRICS = [
-    "params", "best_val_acc", "final_val_acc", "final_test_acc", "final_train_loss", "seconds_per_epoch",
-    "epochs_completed",
+    "params", "best_val_acc", "final_val_acc", "final_test_acc", "final_val_acc_tta", "final_test_acc_tta",
+    "final_train_loss", "seconds_per_epoch", "epochs_completed",
 ]  # fmt: skip
 ACCURACIES = ["best_val_acc", "final_val_acc", "final_test_acc"]
-# Overrides that say where or how fast a run went, not what it was: never comparison columns.
-NOT_SETTINGS = ("data.root", "data.cache_dir", "data.download", "trainer.threads", "trainer.progress", "trainer.reuse_memory",
-                "trainer.device", "trainer.compile", "hydra.", "search")  # fmt: skip
+# Final accuracy with flip test-time augmentation: null when the run had it off, absent in older
+# results.json files. Averaged over the runs that have it; left out of a table where no run has it.
+TTA_ACCURACIES = ["final_val_acc_tta", "final_test_acc_tta"]
+NUMERIC = ["best_val_acc", "final_val_acc", "final_test_acc", *TTA_ACCURACIES, "final_train_loss", "seconds_per_epoch"]
+# The comparison of configurations: two-sided tests at this level, seed counts for this power.
+ALPHA = 0.05
+POWER = 0.8
 
 
 class ReportError(RuntimeError):
@@ -106,7 +121,9 @@ def _row(job_dir: Path, res: dict, base: Path) -> dict:
     for override in res.get("overrides") or []:  # swept keys the fixed columns do not cover
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
-        if key not in {p for _, p in SETTINGS if p} and key not in row and not key.startswith(NOT_SETTINGS):
+        if key in {p for _, p in SETTINGS if p} or key in row or key.startswith(("hydra.", "search")):
+            continue
+        if not is_result_neutral(key):  # where or how fast a run went is not a setting to compare by
             row[key] = value
     for m in METRICS:
         row[m] = res.get(m)
@@ -146,6 +163,7 @@ def collect(sweep_dirs: list[str | Path]) -> pd.DataFrame:
             f".hydra/ folder; pass the directory a multirun wrote (e.g. multirun/DATE/TIME)"
         )
     df = pd.DataFrame(rows).astype({"params": "Int64", "epochs_completed": "Int64"})
+    df[NUMERIC] = df[NUMERIC].apply(pd.to_numeric, errors="coerce")  # null or absent fields (old records): NaN
     df = df.sort_values("final_test_acc", ascending=False, na_position="last", kind="stable")
     return df.reset_index(drop=True)
 
@@ -154,23 +172,224 @@ def _varying(df: pd.DataFrame, columns: list[str]) -> list[str]:
     return [c for c in columns if c in df and df[c].astype(str).nunique(dropna=False) > 1]
 
 
+def _config_keys(df: pd.DataFrame) -> list[str]:
+    """The columns that identify a configuration: every setting but the seed."""
+    return [c for c in df.columns if c not in {"job", "path", "seed", "status", "error", *METRICS}]
+
+
+def _tta_present(df: pd.DataFrame) -> list[str]:
+    return [m for m in TTA_ACCURACIES if m in df and df[m].notna().any()]
+
+
+def _by_config(df: pd.DataFrame):
+    """(completed runs grouped by configuration, the key columns); (None, keys) when there is nothing to group."""
+    done = df[df["status"] == "completed"]
+    keys = _config_keys(df)
+    if done.empty or not keys:
+        return None, keys
+    return done.astype({k: str for k in keys}).groupby(keys, dropna=False, sort=False), keys
+
+
 def group_by_config(df: pd.DataFrame) -> pd.DataFrame | None:
     """Completed runs that differ only by seed, grouped: mean, std and n of each accuracy.
 
-    None when no configuration was run with more than one seed.
+    The flip-TTA accuracies are included when some run has them, averaged over the runs that do
+    (their count in ``<metric>_n``). None when no configuration was run with more than one seed.
     """
-    done = df[df["status"] == "completed"]
-    keys = [c for c in df.columns if c not in {"job", "path", "seed", "status", "error", *METRICS}]
-    if done.empty or not keys:
+    grouped, keys = _by_config(df)
+    if grouped is None or grouped.size().max() < 2:
         return None
-    grouped = done.astype({k: str for k in keys}).groupby(keys, dropna=False, sort=False)
-    if grouped.size().max() < 2:
-        return None
-    table = grouped[ACCURACIES + ["seconds_per_epoch"]].agg(["mean", "std"])
+    tta = _tta_present(df[df["status"] == "completed"])
+    table = grouped[ACCURACIES + tta + ["seconds_per_epoch"]].agg(["mean", "std"])
     table.columns = [f"{m}_{s}" for m, s in table.columns]
     table["n"] = grouped.size()
+    for m in tta:
+        table[f"{m}_n"] = grouped[m].count()
     table = table.reset_index().sort_values("final_test_acc_mean", ascending=False, kind="stable")
     return table.reset_index(drop=True)
+
+
+@dataclass
+class Comparisons:
+    """Pairs of configurations that differ in one setting: ``table`` compared, ``skipped`` (n < 2 on a side)."""
+
+    metric: str
+    table: pd.DataFrame
+    skipped: pd.DataFrame
+
+
+def welch(a, b, confidence: float = 1 - ALPHA) -> dict:
+    """Welch's t-test of mean(a) - mean(b): the difference, its confidence interval, df and p-value.
+
+    scipy's ``ttest_ind(equal_var=False)``; the interval is its ``confidence_interval()`` where the
+    installed scipy has it (recent releases), else mean difference ± t(df) · standard error with the
+    Welch–Satterthwaite degrees of freedom, the same formula. With no spread on either side (every
+    seed gave the same value) there is nothing to test: p-value and df are NaN.
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else math.nan
+    diff = float(a.mean() - b.mean())
+    if se == 0:  # every seed gave the same value on both sides: no spread to test against
+        return {"diff": diff, "ci_low": diff, "ci_high": diff, "df": math.nan, "p_value": math.nan}
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_ind(a, b, equal_var=False)
+        if hasattr(res, "confidence_interval"):
+            ci = res.confidence_interval(confidence)
+            low, high = float(ci.low), float(ci.high)
+        else:
+            half = float(stats.t.ppf((1 + confidence) / 2, dof)) * se
+            low, high = diff - half, diff + half
+    return {"diff": diff, "ci_low": low, "ci_high": high, "df": float(getattr(res, "df", dof)),
+            "p_value": float(res.pvalue)}  # fmt: skip
+
+
+def pooled_std(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+
+
+def seeds_needed(diff: float, std: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Seeds per configuration for a two-sided test at ``alpha`` to detect ``diff`` with ``power``.
+
+    Normal approximation for two equal groups with standard deviation ``std``:
+    n = 2 · ((z_{1-alpha/2} + z_power) · std / diff)², rounded up, at least 2; inf when diff is 0.
+    """
+    from scipy.stats import norm
+
+    if diff == 0 or not math.isfinite(diff) or not math.isfinite(std):
+        return math.inf
+    z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
+    return max(2, math.ceil(2 * (z * std / abs(diff)) ** 2))
+
+
+def _seed_word(n_a: int, n_b: int) -> str:
+    return f"n={n_a} seeds" if n_a == n_b else f"n={n_a}/{n_b} seeds"
+
+
+def compare_configs(df: pd.DataFrame, metric: str = "final_test_acc") -> Comparisons | None:
+    """Each pair of configurations that differ in exactly one setting, compared on ``metric``.
+
+    Per pair: n and mean ± std per side, the difference in means (a − b, a being the higher
+    mean) with its 95% confidence interval, Welch's df and p-value, whether p < ALPHA, and the
+    seeds per configuration that would resolve the observed difference at the observed pooled
+    spread (:func:`seeds_needed`). Pairs with fewer than 2 runs on a side go to ``skipped``;
+    pairs that differ in more settings are not compared. None when no configuration has more
+    than one seed or no pair differs in exactly one setting.
+    """
+    grouped, keys = _by_config(df)
+    if grouped is None or grouped.size().max() < 2:
+        return None
+    configs = []
+    for key, g in grouped:
+        key = key if isinstance(key, tuple) else (key,)
+        values = g[metric].dropna().to_numpy(dtype=float)
+        setting = {k: "None" if pd.isna(v) else str(v) for k, v in zip(keys, key)}  # NaN != NaN: compare as text
+        configs.append((setting, values))
+    configs.sort(key=lambda c: -c[1].mean() if len(c[1]) else math.inf)  # stable: a is the higher mean
+    varying = [k for k in keys if len({c[k] for c, _ in configs}) > 1]
+    rows, skipped = [], []
+    for i, (ca, a) in enumerate(configs):
+        for cb, b in configs[i + 1 :]:
+            differ = [k for k in keys if ca[k] != cb[k]]
+            if len(differ) != 1:
+                continue
+            setting = differ[0]
+            row = {"setting": setting, "a": ca[setting], "b": cb[setting],
+                   "where": ", ".join(f"{k}={ca[k]}" for k in varying if k != setting),
+                   "n_a": len(a), "n_b": len(b)}  # fmt: skip
+            if min(len(a), len(b)) < 2:
+                skipped.append(row)
+                continue
+            w = welch(a, b)
+            if math.isnan(w["p_value"]):
+                verdict = "— (no spread between seeds: no test)"
+            elif w["p_value"] < ALPHA:
+                verdict = "yes"
+            else:
+                verdict = f"no — not distinguishable with {_seed_word(len(a), len(b))}"
+            need = seeds_needed(w["diff"], pooled_std(a, b))
+            rows.append({**row, "mean_a": a.mean(), "std_a": a.std(ddof=1), "mean_b": b.mean(), "std_b": b.std(ddof=1),
+                         **w, "distinguishable": verdict,
+                         "seeds_needed": "inf" if math.isinf(need) else need})  # fmt: skip
+    if not rows and not skipped:
+        return None
+    order = {k: i for i, k in enumerate(keys)}
+    columns = ["setting", "a", "b", "where", "n_a", "n_b", "mean_a", "std_a", "mean_b", "std_b", "diff", "ci_low",
+               "ci_high", "df", "p_value", "distinguishable", "seeds_needed"]  # fmt: skip
+
+    def frame(records: list[dict], cols: list[str]) -> pd.DataFrame:
+        out = pd.DataFrame(records, columns=cols)
+        by = ["setting", "where"]
+        out = out.sort_values(by, key=lambda c: c.map(order) if c.name == "setting" else c, kind="stable")
+        return out.reset_index(drop=True)
+
+    return Comparisons(metric, frame(rows, columns), frame(skipped, columns[:6]))
+
+
+def _fmt_p(p: float) -> str:
+    return "—" if math.isnan(p) else f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def comparisons_view(c: Comparisons) -> pd.DataFrame:
+    """The compared pairs as display strings (markdown and console)."""
+    t = c.table
+    view = pd.DataFrame({
+        "setting": t["setting"], "a": t["a"], "b": t["b"], "where": t["where"],
+        "n (a / b)": [f"{x} / {y}" for x, y in zip(t["n_a"], t["n_b"])],
+        "a: mean ± std": [f"{m:.2f} ± {s:.2f}" for m, s in zip(t["mean_a"], t["std_a"])],
+        "b: mean ± std": [f"{m:.2f} ± {s:.2f}" for m, s in zip(t["mean_b"], t["std_b"])],
+        "a − b [95% CI]": [f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                           for d, lo, hi in zip(t["diff"], t["ci_low"], t["ci_high"])],
+        "Welch df": ["—" if math.isnan(d) else f"{d:.1f}" for d in t["df"]],
+        "p (Welch)": [_fmt_p(p) for p in t["p_value"]],
+        f"distinguishable at p<{ALPHA:g}": t["distinguishable"],
+        "seeds needed": ["—" if s == "inf" else str(s) for s in t["seeds_needed"]],
+    })  # fmt: skip
+    if not view["where"].astype(bool).any():
+        view = view.drop(columns="where")
+    return view
+
+
+METRIC_NAMES = {"final_test_acc": "final test accuracy", "final_val_acc": "final validation accuracy",
+                "best_val_acc": "best validation accuracy", "final_test_acc_tta": "final test accuracy with flip TTA",
+                "final_val_acc_tta": "final validation accuracy with flip TTA"}  # fmt: skip
+
+
+def comparisons_markdown(c: Comparisons) -> str:
+    name = METRIC_NAMES.get(c.metric, c.metric.replace("_", " "))
+    lines = [
+        f"# Pairwise comparisons of {name}", "",
+        f"Configurations that differ in exactly one setting, everything else equal (pairs that differ in more "
+        f"settings are not compared). a − b is the difference of the mean {name} over seeds, in percentage points, "
+        f"a being the higher mean, with its 95% confidence interval (t distribution with Welch–Satterthwaite degrees "
+        f"of freedom); p is Welch's two-sided t-test (unequal variances, `scipy.stats.ttest_ind(equal_var=False)`). "
+        f"*Seeds needed*: seeds per configuration for a two-sided test at α = {ALPHA:g} to detect the observed "
+        f"difference with {POWER:.0%} power at the observed spread (pooled std s, difference d): "
+        f"n = 2·((z₁₋α/₂ + z_power)·s/d)², normal approximation, rounded up, at least 2; — when d = 0.", "",
+    ]  # fmt: skip
+    if len(c.table):
+        lines.append(comparisons_view(c).to_markdown(index=False, disable_numparse=True))  # cells exactly as formatted
+    else:
+        lines.append("No pair of configurations with at least 2 seeds each differs in exactly one setting.")
+    if len(c.skipped):
+        lines += ["", "Skipped, fewer than 2 seeds on a side:", ""]
+        for r in c.skipped.itertuples(index=False):
+            where = f" ({r.where})" if r.where else ""
+            lines.append(f"- {r.setting}={r.a} (n={r.n_a}) vs {r.setting}={r.b} (n={r.n_b}){where}")
+    return "\n".join(lines) + "\n"
+
+
+def comparisons_text(c: Comparisons) -> str:
+    """The comparisons for the console / log."""
+    text = comparisons_view(c).to_string(index=False) if len(c.table) else "no pair with >= 2 seeds on each side"
+    if len(c.skipped):
+        text += f"\n({len(c.skipped)} pairs skipped: fewer than 2 seeds on a side; see comparisons.md)"
+    return text
 
 
 def _compact(df: pd.DataFrame) -> pd.DataFrame:
@@ -194,10 +413,14 @@ def _fixed_settings(df: pd.DataFrame) -> dict:
 
 
 def mean_std_markdown(table: pd.DataFrame) -> pd.DataFrame:
-    out = table.drop(columns=[c for c in table.columns if c.endswith(("_mean", "_std"))])
-    for m in ACCURACIES + ["seconds_per_epoch"]:
+    tta_counts = [f"{m}_n" for m in TTA_ACCURACIES]
+    out = table.drop(columns=[c for c in table.columns if c.endswith(("_mean", "_std")) or c in tta_counts])
+    for m in ACCURACIES + [m for m in TTA_ACCURACIES if f"{m}_mean" in table] + ["seconds_per_epoch"]:
         mean, std = table[f"{m}_mean"], table[f"{m}_std"].fillna(0.0)
-        out[m] = [f"{a:.2f} ± {s:.2f}" for a, s in zip(mean, std)]
+        cells = ["—" if pd.isna(a) else f"{a:.2f} ± {s:.2f}" for a, s in zip(mean, std)]
+        if f"{m}_n" in table:  # flip TTA: say when fewer runs of the configuration had it
+            cells = [c if k == n or c == "—" else f"{c} (n={k})" for c, k, n in zip(cells, table[f"{m}_n"], table["n"])]
+        out[m] = cells
     return out
 
 
@@ -210,12 +433,17 @@ def write_report(sweep_dirs: list[str | Path], out_dir: str | Path | None = None
     compact = _compact(df).drop(columns="path")
     if not compact["error"].astype(bool).any():
         compact = compact.drop(columns="error")
+    compact = compact.drop(columns=[m for m in TTA_ACCURACIES if m not in _tta_present(df)])
     write_text(out / "results.md", to_markdown(compact, "Runs, best test accuracy first", _fixed_settings(df)))
     by_config = group_by_config(df)
     if by_config is not None:
         write_text(out / "results_by_config.csv", by_config.to_csv(index=False))
         shown = _compact(mean_std_markdown(by_config))
         write_text(out / "results_by_config.md", to_markdown(shown, "Mean ± std over seeds"))
+        comparisons = compare_configs(df)
+        if comparisons is not None:
+            write_text(out / "comparisons.csv", comparisons.table.to_csv(index=False))
+            write_text(out / "comparisons.md", comparisons_markdown(comparisons))
     if plots:
         from .plots import write_plots
 
@@ -227,7 +455,9 @@ def write_report(sweep_dirs: list[str | Path], out_dir: str | Path | None = None
 
 
 def print_table(df: pd.DataFrame) -> str:
-    cols = [c for c in ("norm", "status", "params", "final_test_acc", "best_val_acc", "seconds_per_epoch") if c in df]
+    tta = [m for m in ("final_test_acc_tta",) if m in _tta_present(df)]
+    cols = ["norm", "status", "params", "final_test_acc", *tta, "best_val_acc", "seconds_per_epoch"]
+    cols = [c for c in cols if c in df]
     varying = _varying(df, [c for c, _ in SETTINGS if c != "norm"])
     return _compact(df)[["job", *varying, *cols]].to_string(index=False, float_format=lambda v: f"{v:.2f}")
 
@@ -243,6 +473,9 @@ class ReportCallback(Callback):
             log.error("could not write the sweep report for %s: %s", sweep_dir, e)
             return
         log.info("sweep report: %s/results.md\n%s", sweep_dir, print_table(df))
+        comparisons = compare_configs(df)
+        if comparisons is not None:
+            log.info("pairwise comparisons (%s/comparisons.md):\n%s", sweep_dir, comparisons_text(comparisons))
         # A pruned trial is the search working; a running one belongs to another worker of a shared sweep.
         running = df[df["status"] == "running"]
         if len(running):
@@ -272,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"normsweep.report: {e}", file=sys.stderr)
         return 2
     print(print_table(df))
+    comparisons = compare_configs(df)
+    if comparisons is not None:
+        print(f"\npairwise comparisons of {comparisons.metric}:\n{comparisons_text(comparisons)}")
     print(f"\nwrote {Path(args.out or args.sweep_dirs[0]) / 'results.md'}")
     return 0
 

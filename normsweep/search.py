@@ -46,33 +46,26 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from .config import NormsweepError, SearchConfig
+from . import trial_hook
+from .config import NormsweepError, SearchConfig, is_result_neutral
 from .results import RESULTS_FILE, write_text
 from .storage import open_storage, resolve_storage, trial_slot_lock
 
 log = logging.getLogger(__name__)
 
-TrialPruned = optuna.TrialPruned  # what a job raises when the pruner stops it
-
-# The trial of the job running now (set by the sweeper around each in-process launch).
-ACTIVE_TRIAL: Optional[optuna.Trial] = None
-
-
 class SearchError(NormsweepError, ValueError):
     pass
 
 
-# ------------------------------------------------------------------ job side
+def _trial_hook(trial: optuna.Trial) -> trial_hook.TrialHook:
+    """The hook a job reports its epochs to: Optuna's pruner decides, ``RunPruned`` stops the job."""
 
+    def report(epoch: int, val_acc: float) -> None:
+        trial.report(val_acc, epoch)
+        if trial.should_prune():
+            raise trial_hook.RunPruned(f"pruned after epoch {epoch} (validation accuracy {val_acc:.2f}%)")
 
-def report_epoch(epoch: int, val_acc: float) -> None:
-    """Tell the active trial this epoch's validation accuracy; raise TrialPruned if the pruner says so."""
-    trial = ACTIVE_TRIAL
-    if trial is None:
-        return
-    trial.report(val_acc, epoch)
-    if trial.should_prune():
-        raise TrialPruned(f"pruned after epoch {epoch} (validation accuracy {val_acc:.2f}%)")
+    return trial_hook.TrialHook(trial.number, report)
 
 
 # ------------------------------------------------------------------ search space
@@ -122,7 +115,9 @@ def study_name_for(config: DictConfig, grid_point: tuple[str, ...], fixed: list[
     norm = next((o.split("=", 1)[1] for o in grid_point + tuple(fixed) if o.startswith("norm=")),
                 OmegaConf.select(config, "norm.kind", default="norm"))  # fmt: skip
     norm = getattr(norm, "value", norm)
-    identity = sorted(o for o in (*grid_point, *fixed) if not o.startswith(("search.", "hydra.", "data.root=")))
+    identity = sorted(
+        o for o in (*grid_point, *fixed) if not o.startswith(("search.", "hydra.")) and not is_result_neutral(o)
+    )
     digest = hashlib.sha1("\n".join(identity).encode()).hexdigest()[:8]
     return f"normsweep-{norm}-{digest}"
 
@@ -132,6 +127,12 @@ def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     if cfg.pruner == "threshold":
         return optuna.pruners.ThresholdPruner(lower=cfg.prune_below)
+    if cfg.pruner == "hyperband":  # brackets of successive halving; max resource = the epochs of a trial
+        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
+    if cfg.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor
+        )
     return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=1)
 
 
@@ -230,12 +231,11 @@ class OptunaSweeper(Sweeper):
 
     def _launch(self, study: optuna.Study, trial: optuna.Trial, overrides: list[str]) -> None:
         """Run one trial's job in ``<sweep dir>/<study>/trial_<number>`` and tell the study how it went."""
-        global ACTIVE_TRIAL
         params = [f"{k}={v}" for k, v in trial.params.items()]
         # The job directory is named by the study and the trial number, both shared by all the
         # workers of a study, so workers writing into one sweep dir never collide.
         subdir = f"hydra.sweep.subdir={study.study_name}/trial_{trial.number}"
-        ACTIVE_TRIAL = trial
+        trial_hook.ACTIVE = _trial_hook(trial)
         try:
             (ret,) = self.launcher.launch([tuple(overrides + params + [subdir])], initial_job_idx=trial.number)
         except BaseException as e:  # Ctrl-C / SIGTERM / launcher error: free the slot, keep the record
@@ -243,7 +243,7 @@ class OptunaSweeper(Sweeper):
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
         finally:
-            ACTIVE_TRIAL = None
+            trial_hook.ACTIVE = None
         self._tell(study, trial, Path(ret.working_dir) if ret.working_dir else None, ret)
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Path], ret) -> None:

@@ -7,6 +7,7 @@ the device and are read once per epoch (no host sync per step).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -137,9 +138,18 @@ def prepare_eval(split: Split, device: torch.device) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, x: torch.Tensor, batch_size: int = 512, channels_last: bool = False, bf16: bool = False
+    model: nn.Module,
+    x: torch.Tensor,
+    batch_size: int = 512,
+    channels_last: bool = False,
+    bf16: bool = False,
+    tta_flip: bool = False,
 ) -> torch.Tensor:
-    """Predicted class of every image in ``x`` (normalized floats), in eval mode."""
+    """Predicted class of every image in ``x`` (normalized floats), in eval mode.
+
+    ``tta_flip``: test-time augmentation, the class of the mean of the logits of each image and
+    its horizontal mirror.
+    """
     was_training = model.training
     model.eval()
     preds = []
@@ -148,7 +158,10 @@ def predict(
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(x.device, bf16):
-            preds.append(model(xb).argmax(1))
+            logits = model(xb).float()
+            if tta_flip:
+                logits = logits + model(xb.flip(3)).float()
+            preds.append(logits.argmax(1))
     model.train(was_training)
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64, device=x.device)
 
@@ -165,12 +178,56 @@ def train_step_loss(
     return F.cross_entropy(logits, yb, label_smoothing=label_smoothing), logits
 
 
+class WeightEMA:
+    """An exponential moving average of a model's weights, the model that is evaluated (``trainer.ema_decay``).
+
+    Updated after every optimizer step with decay ``min(decay, (1 + n) / (10 + n))`` at update n,
+    so the average is not dominated by the random initial weights early in a short run. Every
+    floating-point entry of the state dict is averaged, BatchNorm's running statistics included
+    (the timm ``ModelEmaV2`` convention: the averaged statistics follow the averaged weights as
+    closely as the weights move slowly against the decay horizon); integer buffers
+    (``num_batches_tracked``) are copied. No trainable parameters: the copy has ``requires_grad`` off.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        self._floats = [(e, v) for e, v in pairs if e.dtype.is_floating_point]
+        self._others = [(e, v) for e, v in pairs if not e.dtype.is_floating_point]
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        weight = 1.0 - self.current_decay()
+        if self._floats:
+            ema, live = zip(*self._floats)
+            torch._foreach_lerp_(list(ema), list(live), weight)
+        for e, v in self._others:
+            e.copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint(path: Path, model, opt, sched, gen: torch.Generator, history: list[EpochStats], config: dict) -> None:
+def save_checkpoint(
+    path: Path, model, opt, sched, gen: torch.Generator, history: list[EpochStats], config: dict,
+    ema: WeightEMA | None = None,
+) -> None:
     """Everything needed to continue training exactly where it stopped, written atomically."""
     state = {
+        "ema": ema.state_dict() if ema is not None else None,
         "version": CHECKPOINT_VERSION,
         "epoch": history[-1].epoch,
         "model": model.state_dict(),
@@ -186,11 +243,22 @@ def save_checkpoint(path: Path, model, opt, sched, gen: torch.Generator, history
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The resume state in ``path``, read with ``weights_only=True``: loading it never runs code.
+
+    A checkpoint holds only tensors (the generator state is a ByteTensor), dicts, lists, tuples,
+    numbers, strings and None, which torch's safe unpickler admits without an allow-list; a file
+    naming anything else is refused (``results.UnsafeFileError``) as a CheckpointError.
+    """
+    from .results import UnsafeFileError, load_torch
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        state = load_torch(path)
+        version = state.get("version") if isinstance(state, dict) else type(state).__name__
+        if version != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {version}, expected {CHECKPOINT_VERSION}")
         return state
+    except UnsafeFileError as e:
+        raise CheckpointError(f"cannot resume from {path}: {e}") from e
     except Exception as e:
         raise CheckpointError(
             f"cannot resume from {path}: {type(e).__name__}: {e}; delete it to start this run afresh"
@@ -214,6 +282,8 @@ def train(
 
     ``on_epoch`` sees the history after each epoch. With ``checkpoint``, the full training state
     is saved there after every epoch, and training resumes from it when it exists.
+    With ``trainer.ema_decay``, evaluation uses the weights' moving average, and ``model`` holds
+    that average when training ends (the model that was evaluated is the one saved).
     """
     tc = cfg.trainer
     bf16 = use_bf16(tc.bf16, device)
@@ -232,6 +302,8 @@ def train(
     gen = torch.Generator(device=device).manual_seed(tc.seed)
     # The compiled module shares its parameters with ``model``; evaluation and checkpoints use ``model``.
     step_model = torch.compile(model, mode=tc.compile) if tc.compile else model
+    ema = WeightEMA(model, tc.ema_decay) if tc.ema_decay else None
+    eval_model = ema.model if ema is not None else model
 
     history: list[EpochStats] = []
     if checkpoint is not None and checkpoint.exists():
@@ -244,6 +316,10 @@ def train(
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         history = [EpochStats(**h) for h in state["history"]]
+        if ema is not None:
+            if not state.get("ema"):
+                raise CheckpointError(f"cannot resume from {checkpoint}: it holds no EMA weights (trainer.ema_decay)")
+            ema.load_state_dict(state["ema"])
         log.info("resuming from %s after epoch %d of %d", checkpoint, state["epoch"], tc.epochs)
     for epoch in range(len(history) + 1, tc.epochs + 1):
         t0 = time.perf_counter()
@@ -268,6 +344,8 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update()
             loss_sum += loss.detach().float() * len(idx)
             correct += (logits.argmax(1) == yb).sum()
         train_loss = loss_sum.item() / n
@@ -276,18 +354,20 @@ def train(
             raise NonFiniteLossError(
                 f"training loss is {train_loss} in epoch {epoch}; lower optimizer.lr (now {cfg.optimizer.lr})"
             )
-        val_acc = accuracy(predict(model, val_x, channels_last=tc.channels_last, bf16=bf16), val_y)
-        test_acc = accuracy(predict(model, test_x, channels_last=tc.channels_last, bf16=bf16), test_y)
+        val_acc = accuracy(predict(eval_model, val_x, channels_last=tc.channels_last, bf16=bf16), val_y)
+        test_acc = accuracy(predict(eval_model, test_x, channels_last=tc.channels_last, bf16=bf16), test_y)
         stats = EpochStats(
             epoch, train_loss, 100.0 * correct.item() / n, val_acc, test_acc, lr, time.perf_counter() - t0
         )
         history.append(stats)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, opt, sched, gen, history, config_record or {})
+            save_checkpoint(checkpoint, model, opt, sched, gen, history, config_record or {}, ema)
         log.info(
             "epoch %2d/%d  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1fs",
             epoch, tc.epochs, stats.train_loss, stats.train_acc, val_acc, test_acc, lr, stats.seconds,
         )  # fmt: skip
         if on_epoch:
             on_epoch(history)
+    if ema is not None:
+        model.load_state_dict(ema.model.state_dict())
     return history

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from normsweep.job import model_from_config
+from normsweep.results import load_model
 from normsweep.config import Config
 
 from .conftest import REPO, SHARED_CIFAR, write_folder_dataset
@@ -75,7 +76,7 @@ def test_single_run_writes_results_checkpoint_and_the_models_own_predictions(tmp
     from normsweep.data import load_raw, make_splits
     from normsweep.train import predict, prepare_eval
 
-    ckpt = torch.load(out / "model.pt", weights_only=False)
+    ckpt = load_model(out / "model.pt")  # weights_only: reading it never runs code
     cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"]))
     model = model_from_config(cfg)
     model.load_state_dict(ckpt["state_dict"])
@@ -124,7 +125,7 @@ def assert_grid_shows_only_mispredicted(job: Path) -> None:
 
     index, target, pred = mispredicted(job)
     assert len(index) > 0
-    ckpt = torch.load(job / "model.pt", weights_only=False)
+    ckpt = load_model(job / "model.pt")
     cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"]))
     model = model_from_config(cfg)
     model.load_state_dict(ckpt["state_dict"])

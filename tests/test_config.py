@@ -14,7 +14,7 @@ from normsweep.job import BudgetError, check_budget, model_from_config
 from normsweep.models import count_params
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["norm", "model", "augment", "optimizer", "scheduler", "data", "trainer", "budget", "experiment"]
+GROUPS = ["norm", "model", "augment", "optimizer", "scheduler", "data", "trainer", "budget", "experiment", "logger"]
 
 
 def options(group: str) -> list[str]:
@@ -37,6 +37,8 @@ def test_every_option_of_every_group_composes_and_validates(group: str, option: 
         assert getattr(cfg, group).name.value == option
     if group == "model":
         assert cfg.model.arch.value == option
+    if group == "logger":
+        assert cfg.logger.kind.value == option
 
 
 def test_every_group_has_options() -> None:

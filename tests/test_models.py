@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from normsweep.models import StudyNet, build_model, count_params, make_norm
+from normsweep.models import StudyNet, build_model, count_params
+from normsweep.norms import make_norm, norm_layer
 
 DEFAULT = dict(widths=[16, 24, 36, 56], depths=[1, 1, 0])
 
@@ -81,7 +82,7 @@ def test_group_norm_normalizes_each_group_separately() -> None:
 
 def test_group_count_that_does_not_divide_a_layer_names_the_layer() -> None:
     with pytest.raises(ValueError, match=r"norm.groups=4 does not divide the 10 channels of layer 'C1'"):
-        StudyNet("group", groups=4, dropout=0.0)
+        StudyNet(norm_layer("group", groups=4), dropout=0.0)
     with pytest.raises(ValueError, match=r"stage2.down"):
         build_model("resnet", "group", groups=8, dropout=0.0, widths=[16, 24, 36, 56], depths=[1, 1, 0])
 

@@ -23,7 +23,9 @@ def config(norm: str, seed: int, lr: float = 0.2) -> dict:
     }
 
 
-def write_run(job: Path, norm: str, seed: int, test: float, val: float, status: str = "completed", error=None) -> None:
+def write_run(job: Path, norm: str, seed: int, test: float, val: float, status: str = "completed", error=None,
+              lr: float = 0.2, **fields) -> None:
+    """A job directory with a results.json; ``fields`` are added to (or replace) the record's own."""
     job.mkdir(parents=True)
     history = [
         {"epoch": 1, "train_loss": 2.0, "train_acc": 30.0, "val_acc": val - 10, "test_acc": test - 10, "lr": 0.1, "seconds": 3.0},
@@ -34,8 +36,8 @@ def write_run(job: Path, norm: str, seed: int, test: float, val: float, status: 
         "epochs_completed": 2 if status == "completed" else 1,
         "best_val_acc": val, "final_val_acc": val, "final_test_acc": test if status == "completed" else None,
         "final_train_loss": 1.5, "seconds_per_epoch": 4.0, "overrides": [f"norm={norm}", f"trainer.seed={seed}"],
-        "choices": {"augment": "crop_flip"}, "config": config(norm, seed),
-        "history": history if status == "completed" else history[:1],
+        "choices": {"augment": "crop_flip"}, "config": config(norm, seed, lr),
+        "history": history if status == "completed" else history[:1], **fields,
     }  # fmt: skip
     (job / "results.json").write_text(json.dumps(res))
     n = 20
@@ -105,6 +107,7 @@ def test_no_grouped_table_without_repeated_seeds(tmp_path: Path) -> None:
     write_run(tmp_path / "s" / "1", "layer", 0, 70.0, 71.0)
     write_report([tmp_path / "s"], plots=False)
     assert (tmp_path / "s" / "results.csv").exists() and not (tmp_path / "s" / "results_by_config.csv").exists()
+    assert not (tmp_path / "s" / "comparisons.csv").exists() and not (tmp_path / "s" / "comparisons.md").exists()
 
 
 def test_several_sweep_directories_merge_into_one_table(tmp_path: Path) -> None:

@@ -1,0 +1,32 @@
+"""What a training job knows of a search: a hook the sweeper installs around a job it launches.
+
+The job tells the hook each epoch's validation accuracy; the hook (``search.py``, with Optuna's
+pruner) may answer by raising :class:`RunPruned`. Keeping this here, without Optuna, lets a plain
+training job run without importing the search machinery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+
+class RunPruned(Exception):
+    """The search stopped this run early (its pruner judged the run not worth finishing)."""
+
+
+@dataclass(frozen=True)
+class TrialHook:
+    number: int  # the trial's number in its study, recorded in results.json
+    report: Callable[[int, float], None]  # (epoch, validation accuracy); may raise RunPruned
+
+
+# The hook of the job running now: set by the sweeper around each in-process launch, else None.
+ACTIVE: Optional[TrialHook] = None
+
+
+def report_epoch(epoch: int, val_acc: float) -> None:
+    """Tell the active trial, if any, this epoch's validation accuracy (may raise :class:`RunPruned`)."""
+    if ACTIVE is not None:
+        ACTIVE.report(epoch, val_acc)
