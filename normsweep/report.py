@@ -400,11 +400,32 @@ def _compact(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=drop)
 
 
+def _setting_text(v: Any) -> str:
+    """A setting as it was given: 0.001 stays 0.001 (not 0.00), an unset one is blank."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _is_setting(column: str) -> bool:
+    return column not in METRICS and column not in NUMERIC and not column.endswith(("_mean", "_std", "_n", "_ci"))
+
+
+def _settings_as_text(df: pd.DataFrame) -> pd.DataFrame:
+    """Setting columns as text, so that the tables' two-decimal format applies to metrics only."""
+    out = df.copy()
+    for c in filter(_is_setting, df.columns):
+        out[c] = out[c].map(_setting_text)
+    return out
+
+
 def to_markdown(df: pd.DataFrame, title: str, fixed: dict | None = None) -> str:
     lines = [f"# {title}", ""]
     if fixed:
-        lines += ["Same in every run: " + ", ".join(f"{k}={v}" for k, v in fixed.items()), ""]
-    lines.append(df.to_markdown(index=False, floatfmt=".2f"))
+        lines += ["Same in every run: " + ", ".join(f"{k}={_setting_text(v) or 'null'}" for k, v in fixed.items()), ""]
+    # Per column: metrics with two decimals, settings as given (tabulate would re-read "0.001" as a number).
+    floatfmt = ["g" if _is_setting(c) else ".2f" for c in df.columns]
+    lines.append(df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt=floatfmt))
     return "\n".join(lines) + "\n"
 
 
@@ -459,7 +480,8 @@ def print_table(df: pd.DataFrame) -> str:
     cols = ["norm", "status", "params", "final_test_acc", *tta, "best_val_acc", "seconds_per_epoch"]
     cols = [c for c in cols if c in df]
     varying = _varying(df, [c for c, _ in SETTINGS if c != "norm"])
-    return _compact(df)[["job", *varying, *cols]].to_string(index=False, float_format=lambda v: f"{v:.2f}")
+    table = _settings_as_text(_compact(df)[["job", *varying, *cols]])
+    return table.to_string(index=False, float_format=lambda v: f"{v:.2f}")
 
 
 class ReportCallback(Callback):

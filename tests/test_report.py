@@ -152,3 +152,17 @@ def test_a_running_record_is_running_while_its_process_lives_and_stopped_after(t
     df = collect([s]).set_index("job")
     assert df.loc["live", "status"] == "running" and df.loc["elsewhere", "status"] == "running"
     assert df.loc["dead", "status"] == "stopped" and "ended before the run finished" in df.loc["dead", "error"]
+
+
+def test_settings_keep_their_precision_and_metrics_get_two_decimals(tmp_path: Path) -> None:
+    s = tmp_path / "sweep"
+    for i, wd in enumerate((5e-4, 1e-3)):
+        write_run(s / f"{i}_wd", "layer", 0, test=81.2345, val=80.0)
+        res = json.loads((s / f"{i}_wd" / "results.json").read_text())
+        res["config"]["optimizer"]["weight_decay"] = wd
+        (s / f"{i}_wd" / "results.json").write_text(json.dumps(res))
+    write_report([s], plots=False)
+    rows = [line for line in (s / "results.md").read_text().splitlines() if line.startswith("| ") and "_wd" in line]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert sorted(c[2] for c in cells) == ["0.0005", "0.001"]  # not 0.00 for both
+    assert all("81.23" in c for c in cells)
