@@ -201,9 +201,21 @@ def hold_run_dir(out: Path):
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, holder.encode())
+            _remove_stray_temp_files(out)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _remove_stray_temp_files(out: Path) -> None:
+    """Delete the temporary files of writes a killed process left half-done (``results.atomic_write``).
+
+    Only the lock holder writes in ``out``, so every such file there is stale; the renamed files
+    they were to replace are intact (a rename is atomic).
+    """
+    for tmp in out.glob(".*.tmp"):
+        log.info("removing %s, left by an interrupted write", tmp.name)
+        tmp.unlink(missing_ok=True)
 
 
 def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .augment import augment_batch, normalize, to_float
 from .config import Config, NormsweepError, OptimizerConfig, SchedulerConfig
 from .data import Split, Splits
-from .results import atomic_write
+from .results import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def save_checkpoint(
         "history": [h.as_dict() for h in history],
         "config": config,
     }
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    save_torch(path, state)  # atomic; a full disk is reported as such
 
 
 def load_checkpoint(path: Path) -> dict:

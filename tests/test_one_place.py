@@ -62,3 +62,14 @@ def test_the_report_shows_swept_settings_but_not_neutral_keys(tmp_path) -> None:
 def test_a_training_job_does_not_import_optuna(module: str) -> None:
     code = f"import sys, {module}; assert 'optuna' not in sys.modules, 'optuna imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_the_norm_registry_is_the_one_list_of_norms() -> None:
+    from normsweep.config import NormKind
+    from normsweep.norms import NORMS
+    from normsweep.plots import NORM_COLOURS
+
+    yaml_kinds = {OmegaConf.load(p).kind for p in (REPO / "conf" / "norm").glob("*.yaml")}
+    assert [k.value for k in NormKind] == list(NORMS) == list(NORM_COLOURS)
+    assert yaml_kinds == set(NORMS)
+    assert len(set(NORM_COLOURS.values())) == len(NORMS)

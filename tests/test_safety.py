@@ -19,6 +19,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from PIL import Image
 from normsweep import data, results
 from normsweep.data import CLASSES, DataError, load_raw, make_splits, source_fingerprint
 from normsweep.job import RUN_LOCK_FILE, RunDirInUse, hold_run_dir, model_from_config
-from normsweep.results import UnsafeFileError, WriteError
+from normsweep.results import UnsafeFileError, WriteError, write_json
 from normsweep.train import CheckpointError, load_checkpoint, train
 
 from .conftest import REPO, class_images, small_data_args
@@ -395,6 +396,26 @@ def test_a_held_run_dir_refuses_a_second_holder_until_the_first_dies(tmp_path: P
     assert f"pid {holder.pid} " in (run_dir / RUN_LOCK_FILE).read_text()  # the stale file is still there
     with hold_run_dir(run_dir):  # ...and does not block
         assert (run_dir / RUN_LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on host ")
+
+
+def test_the_new_holder_removes_temp_files_a_killed_writer_left_and_keeps_the_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_json(run_dir / "results.json", {"status": "running", "epochs_completed": 3})
+    # A writer killed between mkstemp and the rename leaves a partial temp file (made here for real
+    # by a process that is SIGKILLed while it writes one, its rename never reached).
+    code = ("import os, time; f = open(os.path.join(%r, '.results.json.abc123.tmp'), 'w'); f.write('{\"partial'); "
+            "f.flush(); time.sleep(60)") % str(run_dir)
+    writer = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 30
+    while not (run_dir / ".results.json.abc123.tmp").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    writer.kill()
+    writer.wait()
+    assert (run_dir / ".results.json.abc123.tmp").exists()
+    with hold_run_dir(run_dir):
+        assert not list(run_dir.glob(".*.tmp"))
+        assert json.loads((run_dir / "results.json").read_text())["epochs_completed"] == 3
 
 
 @pytest.fixture(scope="module")
