@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import json
 import logging
 import os
@@ -78,8 +79,8 @@ def to_distribution(key: str, value: Any) -> optuna.distributions.BaseDistributi
         sweep = OverridesParser.create().parse_override(f"{key}={value}").value()
     if isinstance(sweep, IntervalSweep):
         log_scale = "log" in sweep.tags
-        if isinstance(sweep.start, int) and isinstance(sweep.end, int) and not log_scale:
-            return optuna.distributions.IntDistribution(sweep.start, sweep.end)
+        if isinstance(sweep.start, int) and isinstance(sweep.end, int):  # int(interval(a, b)), log or not
+            return optuna.distributions.IntDistribution(sweep.start, sweep.end, log=log_scale)
         return optuna.distributions.FloatDistribution(float(sweep.start), float(sweep.end), log=log_scale)
     if isinstance(sweep, ChoiceSweep):
         return optuna.distributions.CategoricalDistribution(list(sweep.list))
@@ -87,7 +88,13 @@ def to_distribution(key: str, value: Any) -> optuna.distributions.BaseDistributi
         step = sweep.step or 1
         if all(isinstance(v, int) for v in (sweep.start, sweep.stop, step)):
             return optuna.distributions.IntDistribution(sweep.start, sweep.stop - 1, step=step)
-        return optuna.distributions.FloatDistribution(sweep.start, sweep.stop, step=step)
+        # As for integers (and Hydra's own expansion of the sweep), the stop is exclusive: the
+        # highest value is the last start + k * step below it.
+        k = math.ceil((sweep.stop - sweep.start) / step - 1e-9) - 1
+        if k < 0:
+            raise SearchError(f"search.params.{key}={value!r} is an empty range; its stop must be above its start")
+        high = round(sweep.start + k * step, 12)
+        return optuna.distributions.FloatDistribution(float(sweep.start), high, step=float(step))
     raise SearchError(
         f"search.params.{key}={value!r} is not a search dimension; write interval(a, b), "
         f"tag(log, interval(a, b)), choice(a, b, ...) or range(a, b)"

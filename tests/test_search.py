@@ -143,3 +143,39 @@ def test_one_study_per_norm(tmp_path: Path, data_args) -> None:
             assert json.loads((Path(t.user_attrs["job_dir"]) / "results.json").read_text())["norm"] == norm
     table = (tmp_path / "sweep" / "optimization_results.md").read_text()
     assert "norm=batch" in table and "norm=group" in table
+
+
+@pytest.mark.parametrize(
+    "sweep,expected",
+    [
+        ("tag(log, int(interval(1, 64)))", optuna.distributions.IntDistribution(1, 64, log=True)),
+        ("int(interval(2, 9))", optuna.distributions.IntDistribution(2, 9)),
+        ("interval(1, 9)", optuna.distributions.FloatDistribution(1.0, 9.0)),
+        ("tag(log, interval(1e-4, 1e-2))", optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)),
+        ("range(0.1, 0.5, step=0.1)", optuna.distributions.FloatDistribution(0.1, 0.4, step=0.1)),
+        ("range(0.0, 1.0, step=0.25)", optuna.distributions.FloatDistribution(0.0, 0.75, step=0.25)),
+        ("range(1, 5)", optuna.distributions.IntDistribution(1, 4)),
+        ("range(0, 10, step=3)", optuna.distributions.IntDistribution(0, 9, step=3)),
+    ],
+)
+def test_every_sweep_form_means_what_hydra_means(sweep: str, expected) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    assert to_distribution("x", sweep) == expected
+    parsed = OverridesParser.create().parse_override(f"x={sweep}")
+    if "range" in sweep:  # Hydra's own expansion of the range: the same values, stop exclusive
+        values = [float(v) for v in parsed.sweep_string_iterator()]
+        grid = [expected.low + i * (expected.step or 1) for i in range(len(values))]
+        assert values == pytest.approx(grid) and max(values) == pytest.approx(expected.high)
+
+
+def test_an_int_log_interval_proposes_integers() -> None:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    dist = to_distribution("trainer.batch_size", "tag(log, int(interval(16, 1024)))")
+    values = [study.ask({"b": dist}).params["b"] for _ in range(20)]
+    assert all(isinstance(v, int) and 16 <= v <= 1024 for v in values)
+
+
+def test_an_empty_float_range_is_refused_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="search.params.x=.*empty range"):
+        to_distribution("x", "range(0.5, 0.5, step=0.1)")
