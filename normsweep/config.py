@@ -237,6 +237,8 @@ class SearchConfig:
     min_resource: int = 1  # hyperband/successive_halving: epochs every trial gets before it can be pruned
     reduction_factor: int = 3  # hyperband/successive_halving: keep the best 1/reduction_factor at each rung
     max_failure_rate: float = 0.5
+    heartbeat_interval: Optional[float] = 30.0  # seconds between a running trial's heartbeats; null = off
+    grace_period: float = 120.0  # a RUNNING trial without a heartbeat for this long is FAIL, its slot reused
     params: dict[str, str] = field(
         default_factory=lambda: {"model.dropout": "interval(0.0, 0.2)", "optimizer.lr": "tag(log, interval(1e-3, 1.0))"}
     )
@@ -250,6 +252,8 @@ class SearchConfig:
             _fail("search.min_resource", self.min_resource, "epochs >= 1")
         if self.reduction_factor < 2:
             _fail("search.reduction_factor", self.reduction_factor, "an integer >= 2")
+        if self.heartbeat_interval is not None and not 0 < self.heartbeat_interval < self.grace_period:
+            _fail("search.heartbeat_interval", self.heartbeat_interval, f"seconds in (0, search.grace_period={self.grace_period}), or null")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             _fail("search.max_failure_rate", self.max_failure_rate, "a fraction in [0, 1]")
 

@@ -49,7 +49,8 @@ SETTINGS = [
     ("groups", "norm.groups"),
     ("ws", "norm.ws"),
     ("model", "model.arch"),
-    ("augment", None),
+    ("augment", None),  # path None: the config group's choice (results.json "choices")
+    ("recipe", None),  # conf/recipe/<norm>.yaml (each norm's own) or shared
     ("optimizer", "optimizer.name"),
     ("scheduler", "scheduler.name"),
     ("lr", "optimizer.lr"),
@@ -117,7 +118,7 @@ def _row(job_dir: Path, res: dict, base: Path) -> dict:
     config = res.get("config") or {}
     row: dict[str, Any] = {"job": str(job_dir.relative_to(base)) if job_dir.is_relative_to(base) else str(job_dir)}
     for col, path in SETTINGS:
-        row[col] = (res.get("choices") or {}).get("augment") if path is None else _get(config, path)
+        row[col] = (res.get("choices") or {}).get(col) if path is None else _get(config, path)
     for override in res.get("overrides") or []:  # swept keys the fixed columns do not cover
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
@@ -271,8 +272,20 @@ def _seed_word(n_a: int, n_b: int) -> str:
     return f"n={n_a} seeds" if n_a == n_b else f"n={n_a}/{n_b} seeds"
 
 
+def _each_with_its_own_recipe(ca: dict, cb: dict, differ: list[str]) -> bool:
+    """Whether two configs are two norms each run with its own tuned recipe (``recipe=<norm>``).
+
+    Such a pair is a comparison of norms at their own best: it differs in the norm and in what the
+    norms' recipes set, and everything else is equal.
+    """
+    return "norm" in differ and all(c.get("recipe") == c.get("norm") for c in (ca, cb))
+
+
 def compare_configs(df: pd.DataFrame, metric: str = "final_test_acc") -> Comparisons | None:
     """Each pair of configurations that differ in exactly one setting, compared on ``metric``.
+
+    Two norms each run with its own recipe (the default multirun) count as differing in the norm
+    alone: the comparison of the norms at their tuned best.
 
     Per pair: n and mean ± std per side, the difference in means (a − b, a being the higher
     mean) with its 95% confidence interval, Welch's df and p-value, whether p < ALPHA, and the
@@ -296,11 +309,15 @@ def compare_configs(df: pd.DataFrame, metric: str = "final_test_acc") -> Compari
     for i, (ca, a) in enumerate(configs):
         for cb, b in configs[i + 1 :]:
             differ = [k for k in keys if ca[k] != cb[k]]
-            if len(differ) != 1:
+            own_recipes = _each_with_its_own_recipe(ca, cb, differ)
+            if len(differ) != 1 and not own_recipes:
                 continue
-            setting = differ[0]
-            row = {"setting": setting, "a": ca[setting], "b": cb[setting],
-                   "where": ", ".join(f"{k}={ca[k]}" for k in varying if k != setting),
+            setting = "norm" if own_recipes else differ[0]
+            where = ", ".join(f"{k}={ca[k]}" for k in varying if k not in differ)
+            if own_recipes:  # the norms at their tuned best: what their recipes set differs too
+                tuned = ", ".join(k for k in differ if k not in ("norm", "recipe"))
+                where = "; ".join(filter(None, [where, f"each norm with its own recipe ({tuned or 'same values'})"]))
+            row = {"setting": setting, "a": ca[setting], "b": cb[setting], "where": where,
                    "n_a": len(a), "n_b": len(b)}  # fmt: skip
             if min(len(a), len(b)) < 2:
                 skipped.append(row)

@@ -24,18 +24,22 @@
 
 Pruning needs the job to run in this process (Hydra's basic launcher); with other launchers
 trials run to the end. A worker stopped by Ctrl-C or SIGTERM marks its running trial FAIL; one
-killed outright leaves it RUNNING, which keeps holding its slot (delete the trial or raise n_trials).
+killed outright stops its heartbeats (:func:`heartbeat`), and the next worker to take a slot marks
+its trial FAIL after ``search.grace_period`` (:func:`fail_stale_trials`), freeing the slot.
 """
 
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import itertools
 import math
 import json
 import logging
 import os
 import socket
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -145,6 +149,64 @@ def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 TAKEN = FINISHED + (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)  # trials that use a slot
+HEARTBEAT_ATTR = "normsweep:heartbeat"  # system attr: time.time() of the trial's last heartbeat
+STALE_ATTR = "normsweep:stale"  # system attr on a trial failed for a dead worker: it frees its slot
+
+
+def uses_slot(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether ``t`` counts toward ``search.n_trials`` (a trial of a dead worker does not)."""
+    return t.state in TAKEN and not t.system_attrs.get(STALE_ATTR)
+
+
+def fail_stale_trials(study: optuna.Study, grace_period: float, now: Optional[float] = None) -> list[int]:
+    """Mark FAIL every RUNNING trial whose last heartbeat is older than ``grace_period`` seconds.
+
+    Its worker is taken to be dead (SIGKILL, a lost node): the reason goes into the trial's
+    ``error`` attribute and the trial stops holding a slot of ``search.n_trials``. A trial that has
+    never beaten is judged by its start time. Returns the numbers of the trials failed. Optuna's
+    own ``fail_stale_trials`` works only for RDB storages inside ``study.optimize``; this works for
+    every storage normsweep supports, through the storage's trial attributes.
+    """
+    now = time.time() if now is None else now
+    storage, failed = study._storage, []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        last = t.system_attrs.get(HEARTBEAT_ATTR) or (t.datetime_start.timestamp() if t.datetime_start else now)
+        if now - last <= grace_period:
+            continue
+        reason = (f"no heartbeat for {now - last:.0f}s (> search.grace_period={grace_period:g}s): "
+                  f"worker {t.user_attrs.get('worker', '?')} presumed dead; its slot is reused")  # fmt: skip
+        storage.set_trial_user_attr(t._trial_id, "error", reason)
+        storage.set_trial_system_attr(t._trial_id, STALE_ATTR, True)
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        log.warning("study %s: trial %d failed: %s", study.study_name, t.number, reason)
+        failed.append(t.number)
+    return failed
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial, interval: Optional[float]):
+    """While the block runs, record ``trial``'s heartbeat every ``interval`` seconds (a daemon thread)."""
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
+            except Exception as e:  # the trial was failed as stale, or the storage is unreachable for now
+                log.warning("trial %d: heartbeat not recorded: %s", trial.number, e)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-trial-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 # ------------------------------------------------------------------ trial slots
@@ -160,8 +222,10 @@ def take_trial(study: optuna.Study, spec: str, cfg: SearchConfig, dims: dict) ->
     from the same seed.
     """
     with trial_slot_lock(spec, study.study_name):
+        if cfg.heartbeat_interval:
+            fail_stale_trials(study, cfg.grace_period)
         trials = study.get_trials(deepcopy=False)
-        taken = [t for t in trials if t.state in TAKEN]
+        taken = [t for t in trials if uses_slot(t)]
         finished = [t for t in taken if t.state in FINISHED]
         failed = sum(t.state == optuna.trial.TrialState.FAIL for t in finished)
         if len(taken) >= cfg.n_trials:
@@ -226,17 +290,17 @@ class OptunaSweeper(Sweeper):
                                     pruner=make_pruner(cfg))  # fmt: skip
         study.set_user_attr("overrides", point)
         overrides = fixed + point
-        done = len(study.get_trials(deepcopy=False, states=TAKEN))
+        done = sum(uses_slot(t) for t in study.get_trials(deepcopy=False))
         log.info("study %s: %d of %d trials taken; up to %d to run here", name, done, cfg.n_trials, max(0, cfg.n_trials - done))
         while True:
             trial = take_trial(study, spec, cfg, dims)
             if trial is None:
                 break
-            self._launch(study, trial, overrides)
+            self._launch(study, trial, overrides, cfg.heartbeat_interval)
         write_optuna_plots(study, self.sweep_dir / "optuna" / name)
         return self._study_summary(study)
 
-    def _launch(self, study: optuna.Study, trial: optuna.Trial, overrides: list[str]) -> None:
+    def _launch(self, study: optuna.Study, trial: optuna.Trial, overrides: list[str], beat: Optional[float]) -> None:
         """Run one trial's job in ``<sweep dir>/<study>/trial_<number>`` and tell the study how it went."""
         params = [f"{k}={v}" for k, v in trial.params.items()]
         # The job directory is named by the study and the trial number, both shared by all the
@@ -244,7 +308,8 @@ class OptunaSweeper(Sweeper):
         subdir = f"hydra.sweep.subdir={study.study_name}/trial_{trial.number}"
         trial_hook.ACTIVE = _trial_hook(trial)
         try:
-            (ret,) = self.launcher.launch([tuple(overrides + params + [subdir])], initial_job_idx=trial.number)
+            with heartbeat(study, trial, beat):
+                (ret,) = self.launcher.launch([tuple(overrides + params + [subdir])], initial_job_idx=trial.number)
         except BaseException as e:  # Ctrl-C / SIGTERM / launcher error: free the slot, keep the record
             trial.set_user_attr("error", f"{type(e).__name__}: {e}".splitlines()[0])
             study.tell(trial, state=optuna.trial.TrialState.FAIL)

@@ -295,3 +295,27 @@ def test_bars_show_95_percent_t_intervals_and_n(sweep: Path, monkeypatch) -> Non
 def test_bar_chart_is_written(sweep: Path) -> None:
     path = plots.plot_test_accuracy_bars(collect([sweep]), sweep)
     assert path.stat().st_size > 10_000
+
+
+def test_norms_each_with_its_own_recipe_are_compared_as_norms(tmp_path: Path) -> None:
+    s = tmp_path / "sweep"
+    accs = {"batch": [81.4, 81.2, 80.9], "group": [80.9, 80.5, 80.5]}
+    for norm, values in accs.items():
+        for seed, acc in enumerate(values):
+            job = s / f"{norm}{seed}"
+            write_run(job, norm, seed, test=acc, val=acc, choices={"augment": "crop_flip", "recipe": norm})
+            res = json.loads((job / "results.json").read_text())
+            res["config"]["norm"]["ws"] = norm == "group"  # what the group recipe sets
+            res["config"]["optimizer"]["weight_decay"] = 1e-3 if norm == "group" else 5e-4
+            (job / "results.json").write_text(json.dumps(res))
+    table = compare_configs(collect([s])).table
+    (row,) = table.to_dict("records")
+    assert (row["setting"], row["a"], row["b"]) == ("norm", "batch", "group")
+    assert "own recipe (ws, weight_decay)" in row["where"]
+    assert row["diff"] == pytest.approx(np.mean(accs["batch"]) - np.mean(accs["group"]))
+    # The same runs under one shared recipe that still differ in two settings are not compared.
+    for job in s.iterdir():
+        res = json.loads((job / "results.json").read_text())
+        res["choices"]["recipe"] = "shared"
+        (job / "results.json").write_text(json.dumps(res))
+    assert compare_configs(collect([s])) is None or not len(compare_configs(collect([s])).table)
