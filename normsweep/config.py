@@ -163,7 +163,7 @@ class TrainerConfig:
     batch_size: int = 512
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1  # conf/trainer/default.yaml is the source of truth; test_one_place checks they agree
     channels_last: bool = True  # faster convs on CPU and GPU; same numbers
     bf16: Optional[bool] = None  # bf16 autocast; null = on where the hardware has native bf16 (train.use_bf16)
     compile: Optional[str] = None  # torch.compile mode for training steps: default | reduce-overhead | max-autotune

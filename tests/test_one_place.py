@@ -73,3 +73,16 @@ def test_the_norm_registry_is_the_one_list_of_norms() -> None:
     assert [k.value for k in NormKind] == list(NORMS) == list(NORM_COLOURS)
     assert yaml_kinds == set(NORMS)
     assert len(set(NORM_COLOURS.values())) == len(NORMS)
+
+
+@pytest.mark.parametrize("yaml_file,schema", [("trainer/default.yaml", "TrainerConfig"), ("data/cifar10.yaml", "DataConfig"),
+                                              ("budget/study.yaml", "BudgetConfig")])  # fmt: skip
+def test_single_option_groups_and_their_dataclass_agree_on_every_default(yaml_file: str, schema: str) -> None:
+    from normsweep import config
+
+    written = OmegaConf.load(REPO / "conf" / yaml_file)
+    defaults = OmegaConf.structured(getattr(config, schema))
+    for key in written:
+        if OmegaConf.is_interpolation(written, key):
+            continue  # e.g. data.root=${oc.env:NORMSWEEP_DATA,data}
+        assert written[key] == defaults[key], f"conf/{yaml_file} {key}={written[key]!r} but {schema}.{key}={defaults[key]!r}"
