@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from normsweep.config import Config, register_configs, to_config
+from normsweep.config import Config, ConfigError, register_configs, to_config
 from normsweep.job import BudgetError, check_budget, model_from_config
 from normsweep.models import count_params
 
@@ -112,11 +112,16 @@ def test_wrong_type_fails_naming_the_key() -> None:
         ("data.val_size=0", "data.val_size"),
         ("trainer.device=gpu", "trainer.device"),
         ("norm.groups=0", "norm.groups"),
+        ("trainer.ema_decay=1.0", "trainer.ema_decay"),
+        ("trainer.ema_decay=0", "trainer.ema_decay"),
+        ("search=optuna search.pruner=hyperbnd", "search.pruner"),
+        ("search=optuna search.reduction_factor=1", "search.reduction_factor"),
+        ("search=optuna search.min_resource=0", "search.min_resource"),
     ],
 )
 def test_impossible_values_fail_at_start_naming_the_key(override: str, key: str) -> None:
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        make_cfg(override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make_cfg(*override.split())
 
 
 def test_over_budget_model_stops_with_count_and_limit() -> None:
