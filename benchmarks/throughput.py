@@ -11,7 +11,9 @@ Pipelines, each with batch 512 and SGD, for each of batch/group/layer norm:
                  defaults set it: data resident on the device as uint8, augmentation on whole
                  batches, channels_last, bf16 autocast where the hardware has native bf16
                  (trainer.bf16=null; the `bf16` column says whether it was on), its cheaper
-                 dropout mask (models.Dropout) and malloc setting (train.keep_freed_memory);
+                 dropout mask (models.Dropout) and malloc setting (runtime.keep_freed_memory);
+                 the batches and the training step are normsweep's own (train.batches,
+                 train.make_step: what train() runs, less the per-step learning-rate schedule);
   (c) default  - normsweep's default recipe (its own 47,600-parameter network, crop+flip), same
                  defaults;
   (b') normsweep_fp32 - (b) with bf16 off (trainer.bf16=false), for information.
@@ -56,8 +58,8 @@ GROUPS = {"study": 2, "normsweep": 2, "default": 4, "normsweep_fp32": 2}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
-    """A run's peak memory (normsweep.job.peak_memory_mb) plus its largest DataLoader worker on CPU."""
-    from normsweep.job import peak_memory_mb
+    """A run's peak memory (normsweep.runtime.peak_memory_mb) plus its largest DataLoader worker on CPU."""
+    from normsweep.runtime import peak_memory_mb
 
     if device.type == "cuda":
         return peak_memory_mb(device)
@@ -98,17 +100,14 @@ def _study_batches(raw, device):
 
 
 def _normsweep_batches(raw, device, augment_cfg, channels_last: bool):
-    from normsweep.augment import augment_batch, normalize, to_float
+    """normsweep's input pipeline: the batches train() iterates (normsweep.train.batches), epoch after epoch."""
+    from normsweep.train import batches
 
     x_all, y_all = raw.train_x.to(device), raw.train_y.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     while True:
-        perm = torch.randperm(len(y_all), generator=gen, device=device)
-        for i in range(0, len(perm) - BATCH + 1, BATCH):
-            idx = perm[i : i + BATCH]
-            x = normalize(augment_batch(to_float(x_all[idx]), augment_cfg, gen))
-            yield x.contiguous(memory_format=fmt), y_all[idx]
+        yield from batches(x_all, y_all, BATCH, augment_cfg, gen, fmt)
 
 
 def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, device_name: str) -> dict:
@@ -117,7 +116,8 @@ def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, d
     from normsweep.data import load_raw
     from normsweep.models import build_model, count_params
     from normsweep.models import Dropout
-    from normsweep.train import keep_freed_memory, resolve_device, use_bf16
+    from normsweep.runtime import keep_freed_memory, resolve_device, use_bf16
+    from normsweep.train import make_step
 
     device = resolve_device(device_name)
     if pipeline != "study" and device.type == "cpu":
@@ -146,23 +146,26 @@ def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, d
     smoothing = 0.1 if pipeline == "default" else 0.0
 
     bf16 = pipeline in ("normsweep", "default") and use_bf16(None, device)  # normsweep's default: auto
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def step():
-        x, y = next(batches)
-        with autocast:
+    if pipeline == "study":  # the study's own loop: plain fp32 step
+        def train_step(x, y):
             loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    else:  # normsweep's own step, as train() takes it
+        train_step = make_step(model, opt, bf16=bf16, label_smoothing=smoothing)
+
+    def step() -> int:
+        x, y = next(batches)
+        train_step(x, y)
+        return len(y)
 
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
+    images = sum(step() for _ in range(steps))  # normsweep's batches: an epoch's last one may be smaller
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -171,7 +174,7 @@ def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, d
         "norm": norm,
         "params": count_params(model),
         "bf16": bf16,
-        "images_per_s": steps * BATCH / seconds,
+        "images_per_s": images / seconds,
         "peak_mem_mb": _peak_memory_mb(device),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
     }
@@ -186,8 +189,9 @@ def time_to_target(norm: str, target: float, data_root: str, device_name: str) -
 
     from normsweep.config import register_configs, to_config
     from normsweep.data import load_raw, make_splits
-    from normsweep.job import model_from_config
-    from normsweep.train import resolve_device, train
+    from normsweep.models import model_from_config
+    from normsweep.runtime import resolve_device
+    from normsweep.train import train
 
     class Reached(Exception):
         pass
@@ -220,17 +224,19 @@ def time_to_target(norm: str, target: float, data_root: str, device_name: str) -
 def _from_sweep(sweep: Path, target: float, med) -> str:
     import pandas as pd
 
+    from normsweep.results import RESULTS_FILE, RunRecord
+
     rows = []
-    for f in sorted(sweep.glob("*/results.json")):
-        res = json.loads(f.read_text())
-        hist = res.get("history", [])
-        hit = next((i for i, h in enumerate(hist) if h["test_acc"] >= target), None)
-        speed = med[(med["pipeline"] == "default") & (med["norm"] == res["norm"])]["images_per_s"]
-        n_train = 50000 - (res["config"]["data"]["val_size"] or 0)
+    for f in sorted(sweep.glob(f"*/{RESULTS_FILE}")):
+        res = RunRecord.read(f.parent)
+        hist = res.history
+        hit = next((i for i, h in enumerate(hist) if h.test_acc >= target), None)
+        speed = med[(med["pipeline"] == "default") & (med["norm"] == res.norm)]["images_per_s"]
+        n_train = 50000 - (res.config["data"]["val_size"] or 0)
         rows.append({
-            "norm": res["norm"], "final_test_acc": res.get("final_test_acc"),
+            "norm": res.norm, "final_test_acc": res.final_test_acc,
             "epochs_to_target": hit + 1 if hit is not None else None,
-            "recorded_s": sum(h["seconds"] for h in hist[: hit + 1]) if hit is not None else None,
+            "recorded_s": sum(h.seconds for h in hist[: hit + 1]) if hit is not None else None,
             "at_measured_speed_s": (hit + 1) * n_train / speed.iloc[0] if hit is not None and len(speed) else None,
         })  # fmt: skip
     return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f")

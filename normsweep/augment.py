@@ -51,18 +51,6 @@ def _from_hue(h: torch.Tensor, maxc: torch.Tensor, cr: torch.Tensor) -> torch.Te
     return maxc.unsqueeze(1) - cr.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
 
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    maxc, minc = x.amax(1), x.amin(1)
-    cr = maxc - minc
-    s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    return torch.stack((_hue(x, maxc, cr), s, maxc), 1)
-
-
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    return _from_hue(h, v, v * s)
-
-
 def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate each image's hue by ``shift[i]`` turns (torchvision's adjust_hue, batched).
 

@@ -165,11 +165,11 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     label_smoothing: float = 0.1  # conf/trainer/default.yaml is the source of truth; test_one_place checks they agree
     channels_last: bool = True  # faster convs on CPU and GPU; same numbers
-    bf16: Optional[bool] = None  # bf16 autocast; null = on where the hardware has native bf16 (train.use_bf16)
+    bf16: Optional[bool] = None  # bf16 autocast; null = on where the hardware has native bf16 (runtime.use_bf16)
     compile: Optional[str] = None  # torch.compile mode for training steps: default | reduce-overhead | max-autotune
-    threads: Optional[int] = None  # torch threads; null = torch default, or the job's share under a parallel launcher (job.job_threads)
+    threads: Optional[int] = None  # torch threads; null = torch default, or the job's share under a parallel launcher (runtime.job_threads)
     progress: bool = True  # a tqdm bar per epoch (only when attached to a terminal)
-    reuse_memory: bool = True  # CPU: keep freed memory for reuse (train.keep_freed_memory); false = lower peak RSS
+    reuse_memory: bool = True  # CPU: keep freed memory for reuse (runtime.keep_freed_memory); false = lower peak RSS
     ema_decay: Optional[float] = None  # evaluate an EMA of the weights (per step, e.g. 0.99); null = off
     tta_flip: bool = True  # also report final accuracy of the mean of each image's and its mirror's logits
 
@@ -273,7 +273,7 @@ class Config:
 
 
 # Keys that say where or how a run executes, not what it computes. Declared once, here: a resume
-# may change them (job.config_differences), a search study does not depend on them
+# may change them (resume.config_differences), a search study does not depend on them
 # (search.study_name_for), the comparison table does not show them as settings (report) and job
 # directories are not named after them (conf/train.yaml, through the resolver registered below).
 RESULT_NEUTRAL_KEYS: tuple[str, ...] = (

@@ -19,6 +19,7 @@ not data and are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -341,13 +342,48 @@ def load_raw(root: str | Path, fmt: str = "auto", download: bool = False, cache_
         raw = _read_cache(cache_file, fingerprint)
         if raw is not None:
             return raw
-    raw = read_pickle(root) if fmt == "pickle" else read_folder(root)
-    try:
-        _write_cache(cache_file, raw, fingerprint)
-    except OSError as e:  # a full disk or read-only cache dir costs time, not the run
-        log.warning("not caching the decoded images: %s; this run goes on without the cache "
-                    "(or pass data.cache_dir=PATH to a writable folder with free space)", e)  # fmt: skip
+    with _cache_writer(cache_file):
+        if cache_file.exists():  # another process may have written it while this one waited
+            raw = _read_cache(cache_file, fingerprint)
+            if raw is not None:
+                return raw
+        raw = read_pickle(root) if fmt == "pickle" else read_folder(root)
+        try:
+            _write_cache(cache_file, raw, fingerprint)
+        except OSError as e:  # a full disk or read-only cache dir costs time, not the run
+            log.warning("not caching the decoded images: %s; this run goes on without the cache "
+                        "(or pass data.cache_dir=PATH to a writable folder with free space)", e)  # fmt: skip
     return raw
+
+
+@contextlib.contextmanager
+def _cache_writer(cache_file: Path):
+    """One process at a time decodes and writes ``cache_file``; the others wait, then read it.
+
+    The holder of the lock (``.<name>.lock`` beside it, an OS file lock that a killed process
+    drops) is the only writer, so any temporary file of ``cache_file`` it finds was left by a
+    killed writer and is removed: a kill while caching never leaves a 150 MB file behind for good.
+    Where the lock cannot be taken (a read-only cache folder), decoding goes on without it.
+    """
+    from filelock import FileLock, Timeout
+
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(cache_file.parent / f".{cache_file.name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("waiting for another process to finish writing the data cache %s", cache_file)
+            lock.acquire()
+    except OSError as e:
+        log.debug("no lock for the data cache %s (%s)", cache_file, e)
+        yield
+        return
+    try:
+        results.remove_stray_temp_files(cache_file.parent, cache_file.name)
+        yield
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------- splits

@@ -53,8 +53,3 @@ def norm_layer(kind: str, groups: int = 1) -> NormLayer:
         raise ConfigError(f"norm.kind={kind!r} is unknown; expected one of {tuple(NORMS)}")
     make = NORMS[kind]
     return lambda channels, where="": make(channels, groups, where)
-
-
-def make_norm(kind: str, channels: int, groups: int = 1, where: str = "") -> nn.Module:
-    """One ``kind`` norm layer for a feature map with ``channels`` channels."""
-    return norm_layer(kind, groups)(channels, where)

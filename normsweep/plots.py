@@ -14,7 +14,6 @@ Runs that differ only by seed share a colour: their mean is drawn with a band of
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 
@@ -26,9 +25,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .columns import SETTINGS, varying_columns  # noqa: E402
 from .data import CLASSES  # noqa: E402
 from .norms import NORMS  # noqa: E402
-from .results import PREDICTIONS_FILE, RESULTS_FILE, atomic_write  # noqa: E402
+from .results import PREDICTIONS_FILE, RunRecord, atomic_write  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,7 @@ def _save(fig, path: Path, dpi: int) -> None:
 
 def run_label(df: pd.DataFrame) -> pd.Series:
     """A legend label per run: its norm plus every other setting that varies (seed excluded)."""
-    from .report import SETTINGS, _varying
-
-    varying = _varying(df, [c for c, _ in SETTINGS if c not in ("norm", "seed")])
+    varying = varying_columns(df, [c for c, _ in SETTINGS if c not in ("norm", "seed")])
     return df.apply(lambda r: " ".join([str(r["norm"])] + [f"{c}={r[c]}" for c in varying]), axis=1)
 
 
@@ -53,8 +51,8 @@ def _histories(paths: list[Path]) -> list[pd.DataFrame]:
     out = []
     for p in paths:
         try:
-            out.append(pd.DataFrame(json.loads((p / RESULTS_FILE).read_text())["history"]))
-        except (OSError, ValueError, KeyError):
+            out.append(pd.DataFrame([e.as_dict() for e in RunRecord.read(p).history]))
+        except (OSError, ValueError):
             out.append(pd.DataFrame())
     return out
 
@@ -148,9 +146,9 @@ def mispredicted(job_dir: Path, k: int = 25, seed: int = 0) -> tuple[np.ndarray,
     return p["index"][wrong], p["target"][wrong], p["pred"][wrong]
 
 
-def _test_images(result: dict) -> tuple[np.ndarray, tuple[str, ...]]:
-    d = result["config"]["data"]
-    return _load_test_images(result.get("data_root") or d["root"], d["format"], d.get("cache_dir"))
+def _test_images(result: RunRecord) -> tuple[np.ndarray, tuple[str, ...]]:
+    d = result.config["data"]
+    return _load_test_images(result.data_root or d["root"], d["format"], d.get("cache_dir"))
 
 
 @functools.lru_cache(maxsize=2)
@@ -163,7 +161,7 @@ def _load_test_images(root: str, fmt: str, cache_dir: str | None) -> tuple[np.nd
 
 
 def plot_mispredicted(job_dir: Path, out: Path, k: int = 25) -> Path:
-    result = json.loads((job_dir / RESULTS_FILE).read_text())
+    result = RunRecord.read(job_dir)
     images, classes = _test_images(result)
     index, target, pred = mispredicted(job_dir, k)
     cols = 5
@@ -174,7 +172,7 @@ def plot_mispredicted(job_dir: Path, out: Path, k: int = 25) -> Path:
     for ax, i, t, p in zip(np.ravel(axes), index, target, pred):
         ax.imshow(images[i], interpolation="nearest")
         ax.set_title(f"true: {classes[t]}\npred: {classes[p]}", fontsize=8, color="tab:red")
-    fig.suptitle(f"Mispredicted test images — {result['norm']} norm, test acc {result['final_test_acc']:.1f}%")
+    fig.suptitle(f"Mispredicted test images — {result.norm} norm, test acc {result.final_test_acc:.1f}%")
     fig.tight_layout()
     _save(fig, out / "mispredicted.png", 110)
     plt.close(fig)
@@ -216,7 +214,7 @@ def write_plots(df: pd.DataFrame, sweep_dirs: list[Path], out: Path) -> list[Pat
         run_out.mkdir(exist_ok=True)
         try:
             written.append(plot_mispredicted(path, run_out))
-            classes = json.loads((path / RESULTS_FILE).read_text()).get("classes") or CLASSES
+            classes = RunRecord.read(path).classes or CLASSES
             written.append(plot_confusion(path, run_out, tuple(classes)))
         except Exception as e:  # missing data for the images: the other plots still count
             log.warning("per-run plots for %s not written: %s: %s", path, type(e).__name__, e)

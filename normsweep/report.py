@@ -21,7 +21,6 @@ shared sweep), and as "stopped" once that process is gone.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -35,34 +34,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .columns import SETTINGS, varying_columns
 from .config import is_result_neutral
-from .results import RESULTS_FILE, write_text
+from .results import RESULTS_FILE, RunRecord, remove_stray_temp_files, write_text
 
 log = logging.getLogger(__name__)
 
-# (column, path into the run's config); the swept settings a reader compares runs by.
-SETTINGS = [
-    ("norm", "norm.kind"),
-    ("groups", "norm.groups"),
-    ("ws", "norm.ws"),
-    ("model", "model.arch"),
-    ("augment", None),  # path None: the config group's choice (results.json "choices")
-    ("recipe", None),  # conf/recipe/<norm>.yaml (each norm's own) or shared
-    ("optimizer", "optimizer.name"),
-    ("scheduler", "scheduler.name"),
-    ("lr", "optimizer.lr"),
-    ("weight_decay", "optimizer.weight_decay"),
-    ("dropout", "model.dropout"),
-    ("batch_size", "trainer.batch_size"),
-    ("label_smoothing", "trainer.label_smoothing"),
-    ("ema_decay", "trainer.ema_decay"),
-    ("epochs", "trainer.epochs"),
-    ("train_size", "data.train_size"),
-    ("seed", "trainer.seed"),
-]
 METRICS = [
     "params", "best_val_acc", "final_val_acc", "final_test_acc", "final_val_acc_tta", "final_test_acc_tta",
     "final_train_loss", "seconds_per_epoch", "epochs_completed",
@@ -73,6 +54,7 @@ ACCURACIES = ["best_val_acc", "final_val_acc", "final_test_acc"]
 TTA_ACCURACIES = ["final_val_acc_tta", "final_test_acc_tta"]
 NUMERIC = ["best_val_acc", "final_val_acc", "final_test_acc", *TTA_ACCURACIES, "final_train_loss", "seconds_per_epoch"]
 # The comparison of configurations: two-sided tests at this level, seed counts for this power.
+REPORT_LOCK_FILE = ".normsweep-report.lock"  # in the report's folder, held while it is written
 ALPHA = 0.05
 POWER = 0.8
 
@@ -90,23 +72,23 @@ def _get(config: dict, dotted: str) -> Any:
     return node
 
 
-def _unfinished_job(job_dir: Path) -> dict:
+def _unfinished_job(job_dir: Path) -> RunRecord:
     """A job Hydra started that never wrote results.json (killed before its first write)."""
     hydra_dir = job_dir / ".hydra"
     overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
     config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) if (hydra_dir / "config.yaml").exists() else {}
     hydra = yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) if (hydra_dir / "hydra.yaml").exists() else {}
     choices = _get(hydra or {}, "hydra.runtime.choices") or {}
-    return {"status": "unfinished", "error": "no results.json: the job stopped before writing it",
-            "overrides": overrides, "config": config or {}, "choices": choices}  # fmt: skip
+    return RunRecord(status="unfinished", error="no results.json: the job stopped before writing it",
+                     overrides=overrides, config=config or {}, choices=choices)  # fmt: skip
 
 
-def _alive(res: dict) -> bool:
+def _alive(res: RunRecord) -> bool:
     """Whether the process that wrote a "running" record still runs (assumed so on another host)."""
-    if res.get("host") != socket.gethostname() or not res.get("pid"):
+    if res.host != socket.gethostname() or not res.pid:
         return True
     try:
-        os.kill(int(res["pid"]), 0)  # signal 0: only asks whether the process exists
+        os.kill(int(res.pid), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, owned by someone else
@@ -114,12 +96,12 @@ def _alive(res: dict) -> bool:
     return True
 
 
-def _row(job_dir: Path, res: dict, base: Path) -> dict:
-    config = res.get("config") or {}
+def _row(job_dir: Path, res: RunRecord, base: Path) -> dict:
+    config = res.config
     row: dict[str, Any] = {"job": str(job_dir.relative_to(base)) if job_dir.is_relative_to(base) else str(job_dir)}
     for col, path in SETTINGS:
-        row[col] = (res.get("choices") or {}).get(col) if path is None else _get(config, path)
-    for override in res.get("overrides") or []:  # swept keys the fixed columns do not cover
+        row[col] = res.choices.get(col) if path is None else _get(config, path)
+    for override in res.overrides:  # swept keys the fixed columns do not cover
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
         if key in {p for _, p in SETTINGS if p} or key in row or key.startswith(("hydra.", "search")):
@@ -127,12 +109,12 @@ def _row(job_dir: Path, res: dict, base: Path) -> dict:
         if not is_result_neutral(key):  # where or how fast a run went is not a setting to compare by
             row[key] = value
     for m in METRICS:
-        row[m] = res.get(m)
-    row["status"] = res.get("status", "unknown")
-    error = res.get("error")
+        row[m] = getattr(res, m)
+    row["status"] = res.status
+    error = res.error
     if row["status"] == "running" and not _alive(res):
         row["status"] = "stopped"
-        error = (f"the process ({res.get('host')}, pid {res.get('pid')}) ended before the run finished; "
+        error = (f"the process ({res.host}, pid {res.pid}) ended before the run finished; "
                  f"run the same command with the same output dir to resume")  # fmt: skip
     row["error"] = error.strip().splitlines()[0] if error else ""
     row["path"] = str(job_dir.resolve())
@@ -154,9 +136,9 @@ def collect(sweep_dirs: list[str | Path]) -> pd.DataFrame:
             raise ReportError(f"{d} is not a directory; pass a sweep directory such as multirun/DATE/TIME")
         for job in find_jobs(d):
             try:
-                res = json.loads((job / RESULTS_FILE).read_text()) if (job / RESULTS_FILE).exists() else _unfinished_job(job)
+                res = RunRecord.read(job) if (job / RESULTS_FILE).exists() else _unfinished_job(job)
             except (OSError, ValueError) as e:
-                res = {"status": "unreadable", "error": f"{job / RESULTS_FILE}: {e}"}
+                res = RunRecord(status="unreadable", error=f"{job / RESULTS_FILE}: {e}")
             rows.append(_row(job, res, d))
     if not rows:
         raise ReportError(
@@ -167,10 +149,6 @@ def collect(sweep_dirs: list[str | Path]) -> pd.DataFrame:
     df[NUMERIC] = df[NUMERIC].apply(pd.to_numeric, errors="coerce")  # null or absent fields (old records): NaN
     df = df.sort_values("final_test_acc", ascending=False, na_position="last", kind="stable")
     return df.reset_index(drop=True)
-
-
-def _varying(df: pd.DataFrame, columns: list[str]) -> list[str]:
-    return [c for c in columns if c in df and df[c].astype(str).nunique(dropna=False) > 1]
 
 
 def _config_keys(df: pd.DataFrame) -> list[str]:
@@ -413,7 +391,7 @@ def _compact(df: pd.DataFrame) -> pd.DataFrame:
     """Drop settings that are the same in every row (the markdown table shows what differs)."""
     settings = [c for c, _ in SETTINGS] + [c for c in df.columns if "." in c]
     keep_always = {"norm"}
-    drop = [c for c in settings if c in df and c not in keep_always and c not in _varying(df, [c])]
+    drop = [c for c in settings if c in df and c not in keep_always and c not in varying_columns(df, [c])]
     return df.drop(columns=drop)
 
 
@@ -447,7 +425,7 @@ def to_markdown(df: pd.DataFrame, title: str, fixed: dict | None = None) -> str:
 
 
 def _fixed_settings(df: pd.DataFrame) -> dict:
-    return {c: df[c].iloc[0] for c, _ in SETTINGS if c in df and c != "norm" and not _varying(df, [c])}
+    return {c: df[c].iloc[0] for c, _ in SETTINGS if c in df and c != "norm" and not varying_columns(df, [c])}
 
 
 def mean_std_markdown(table: pd.DataFrame) -> pd.DataFrame:
@@ -467,6 +445,14 @@ def write_report(sweep_dirs: list[str | Path], out_dir: str | Path | None = None
     df = collect(sweep_dirs)
     out = Path(out_dir) if out_dir else Path(sweep_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
+    with FileLock(out / REPORT_LOCK_FILE):  # one writer of the report at a time (workers of one sweep)
+        remove_stray_temp_files(out)  # a report killed mid-write: its files are intact, its temp files stale
+        remove_stray_temp_files(out / "plots", recursive=True)
+        _write_report(df, sweep_dirs, out, plots)
+    return df
+
+
+def _write_report(df: pd.DataFrame, sweep_dirs: list[str | Path], out: Path, plots: bool) -> None:
     write_text(out / "results.csv", df.to_csv(index=False))
     compact = _compact(df).drop(columns="path")
     if not compact["error"].astype(bool).any():
@@ -489,14 +475,13 @@ def write_report(sweep_dirs: list[str | Path], out_dir: str | Path | None = None
             write_plots(df, [Path(d) for d in sweep_dirs], out / "plots")
         except Exception as e:  # a figure that cannot be drawn must not cost the tables
             log.warning("plots not written: %s: %s", type(e).__name__, e)
-    return df
 
 
 def print_table(df: pd.DataFrame) -> str:
     tta = [m for m in ("final_test_acc_tta",) if m in _tta_present(df)]
     cols = ["norm", "status", "params", "final_test_acc", *tta, "best_val_acc", "seconds_per_epoch"]
     cols = [c for c in cols if c in df]
-    varying = _varying(df, [c for c, _ in SETTINGS if c != "norm"])
+    varying = varying_columns(df, [c for c, _ in SETTINGS if c != "norm"])
     table = _settings_as_text(_compact(df)[["job", *varying, *cols]])
     return table.to_string(index=False, float_format=lambda v: f"{v:.2f}")
 

@@ -1,6 +1,6 @@
 """What a run writes into its job directory, each file written atomically.
 
-* ``results.json``     - the run's record: config, metrics, per-epoch history, status;
+* ``results.json``     - the run's record (:class:`RunRecord`): config, metrics, per-epoch history, status;
 * ``model.pt``         - the final model's state_dict with the config that built it;
 * ``checkpoint.pt``    - while training: everything needed to resume after the last finished epoch;
 * ``predictions.npz``  - test-set predictions of the final model (index, target, pred);
@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import pickle
 import re
 import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,16 @@ import torch
 
 from .config import NormsweepError
 
+log = logging.getLogger(__name__)
+
 RESULTS_FILE = "results.json"
 MODEL_FILE = "model.pt"
 TRAINING_STATE_FILE = "checkpoint.pt"  # resume state, rewritten every epoch, removed when the run completes
 PREDICTIONS_FILE = "predictions.npz"
 SUMMARY_FILE = "model_summary.txt"
+
+
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: ".<name>.<random>.tmp" beside <name>
 
 
 class WriteError(NormsweepError, OSError):
@@ -74,7 +81,7 @@ def atomic_write(path: str | Path, write: Any) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         os.close(fd)
         write(tmp)
         fd = os.open(tmp, os.O_RDWR)
@@ -108,6 +115,20 @@ def atomic_write(path: str | Path, write: Any) -> None:
                 os.unlink(tmp)
 
 
+def remove_stray_temp_files(directory: str | Path, name: str = "*", recursive: bool = False) -> None:
+    """Delete the temporary files that :func:`atomic_write` left for ``name`` when its process was killed.
+
+    Call it only while holding the lock that makes this process the one writer of those files
+    (``job.hold_run_dir`` for a run, the cache's lock, the report's): every such file is then
+    stale, and the file it was to replace is intact, since a rename is atomic.
+    """
+    directory = Path(directory)
+    pattern = f".{name}.*{TEMP_SUFFIX}"
+    for tmp in sorted(directory.rglob(pattern) if recursive else directory.glob(pattern)):
+        log.info("removing %s, left by an interrupted write", tmp)
+        tmp.unlink(missing_ok=True)
+
+
 def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
@@ -116,8 +137,116 @@ def write_json(path: str | Path, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def read_results(job_dir: str | Path) -> dict:
-    return json.loads((Path(job_dir) / RESULTS_FILE).read_text())
+@dataclass
+class EpochRecord:
+    """One finished epoch: an entry of ``results.json``'s history and of the checkpoint's (``train.EpochStats``)."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float  # %
+    val_acc: float  # %
+    test_acc: float  # %
+    lr: float  # at the end of the epoch
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EpochRecord:
+        """An entry as any version wrote it: a missing number is None, an unknown key is dropped."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a history entry is a {type(d).__name__}, not an object")
+        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+
+
+def _late(default: Any = None) -> Any:
+    """A field that is set once known, and written only then (absent from the file while None)."""
+    return field(default=default, metadata={"late": True})
+
+
+@dataclass
+class RunRecord:
+    """A run's ``results.json``: built and updated by the job, written by :meth:`write`, read by :meth:`read`.
+
+    The fields are the file's keys, in the file's order. Reading migrates: a key the file lacks (an
+    older record) takes the field's default, a null where a list or dict belongs becomes an empty
+    one; a key this class does not know (a newer record) is kept in ``extra`` and written back after
+    the known ones. :meth:`to_dict` is the file's object, for code that wants a dict.
+    """
+
+    status: str = "unknown"  # running | completed | failed | interrupted | pruned
+    error: str | None = None  # "Type: message" of what stopped the run
+    norm: str | None = None
+    arch: str | None = None
+    choices: dict = field(default_factory=dict)  # the option picked in each config group
+    params: int | None = None
+    epochs: int | None = None  # configured
+    epochs_completed: int = 0
+    best_val_acc: float | None = None
+    best_epoch: int | None = None
+    final_val_acc: float | None = None
+    final_test_acc: float | None = None
+    final_val_acc_tta: float | None = None  # with flip test-time augmentation; None when it was off
+    final_test_acc_tta: float | None = None
+    final_train_loss: float | None = None
+    train_seconds: float = 0.0
+    seconds_per_epoch: float | None = None
+    peak_memory_mb: float | None = None
+    device: str | None = None
+    overrides: list = field(default_factory=list)  # the job's Hydra overrides
+    trial: int | None = None  # the search trial's number
+    config: dict = field(default_factory=dict)  # the resolved config
+    started_at: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    platform: str | None = None
+    torch: str | None = None  # torch's version
+    history: list[EpochRecord] = field(default_factory=list)
+    bf16: bool | None = _late()
+    data_root: str | None = _late()  # data.root, absolute
+    classes: list[str] | None = _late()
+    finished_at: str | None = _late()
+    traceback: str | None = _late()  # of a failed run
+    extra: dict = field(default_factory=dict, repr=False, metadata={"key": False})  # keys of a newer version
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not f.metadata.get("key", True) or (value is None and f.metadata.get("late")):
+                continue
+            out[f.name] = [e.as_dict() for e in value] if f.name == "history" else value
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunRecord:
+        """The record of a ``results.json`` object of any version (see the class docstring)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a run record is a JSON object, not a {type(d).__name__}")
+        known = {f.name: f for f in fields(cls) if f.metadata.get("key", True)}
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            if name not in d:
+                continue
+            value = d[name]
+            if value is None and f.default_factory is not MISSING:
+                value = f.default_factory()
+            if name == "history":
+                if not isinstance(value, list):
+                    raise ValueError(f"its history is a {type(value).__name__}, not a list")
+                value = [EpochRecord.from_dict(e) for e in value]
+            values[name] = value
+        return cls(**values, extra={k: v for k, v in d.items() if k not in known})
+
+    def write(self, job_dir: str | Path) -> None:
+        """``job_dir/results.json``, atomically: readers see the previous record or this one."""
+        write_json(Path(job_dir) / RESULTS_FILE, self.to_dict())
+
+    @classmethod
+    def read(cls, job_dir: str | Path) -> RunRecord:
+        """The record in ``job_dir/results.json``; OSError if it cannot be read, ValueError if it is not a record."""
+        return cls.from_dict(json.loads((Path(job_dir) / RESULTS_FILE).read_text()))
 
 
 def save_torch(path: str | Path, obj: Any) -> None:

@@ -34,7 +34,6 @@ import hashlib
 import contextlib
 import itertools
 import math
-import json
 import logging
 import os
 import socket
@@ -53,7 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import trial_hook
 from .config import NormsweepError, SearchConfig, is_result_neutral
-from .results import RESULTS_FILE, write_text
+from .results import RESULTS_FILE, RunRecord, write_text
 from .storage import open_storage, resolve_storage, trial_slot_lock
 
 log = logging.getLogger(__name__)
@@ -320,19 +319,19 @@ class OptunaSweeper(Sweeper):
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Path], ret) -> None:
         state, value, error = optuna.trial.TrialState.FAIL, None, "no results.json"
-        res = {}
+        res: Optional[RunRecord] = None
         if job_dir and (job_dir / RESULTS_FILE).exists():
-            res = json.loads((job_dir / RESULTS_FILE).read_text())
-            error = res.get("error")
-            if res.get("status") == "completed" and res.get("final_val_acc") is not None:
-                state, value = optuna.trial.TrialState.COMPLETE, float(res["final_val_acc"])
-            elif res.get("status") == "pruned":
+            res = RunRecord.read(job_dir)
+            error = res.error
+            if res.status == "completed" and res.final_val_acc is not None:
+                state, value = optuna.trial.TrialState.COMPLETE, float(res.final_val_acc)
+            elif res.status == "pruned":
                 state = optuna.trial.TrialState.PRUNED
         if job_dir:
             trial.set_user_attr("job_dir", str(job_dir))
-        trial.set_user_attr("epochs_completed", res.get("epochs_completed"))
-        if res.get("final_test_acc") is not None:
-            trial.set_user_attr("final_test_acc", res["final_test_acc"])
+        trial.set_user_attr("epochs_completed", res.epochs_completed if res else None)
+        if res and res.final_test_acc is not None:
+            trial.set_user_attr("final_test_acc", res.final_test_acc)
         if state == optuna.trial.TrialState.FAIL:
             trial.set_user_attr("error", (error or "unknown error").splitlines()[0])
             log.warning("trial %d failed: %s", trial.number, error)

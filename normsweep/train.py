@@ -8,13 +8,10 @@ the device and are read once per epoch (no host sync per step).
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,9 +20,11 @@ from torch import nn
 from tqdm import tqdm
 
 from .augment import augment_batch, normalize, to_float
-from .config import Config, NormsweepError, OptimizerConfig, SchedulerConfig
+from .config import AugmentConfig, Config, NormsweepError, OptimizerConfig, SchedulerConfig
 from .data import Split, Splits
-from .results import save_torch
+from .results import EpochRecord
+from .resume import CheckpointError, load_checkpoint, save_checkpoint
+from .runtime import autocast, use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +33,7 @@ class NonFiniteLossError(NormsweepError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-@dataclass
-class EpochStats:
-    epoch: int
-    train_loss: float
-    train_acc: float
-    val_acc: float
-    test_acc: float
-    lr: float
-    seconds: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={name} but PyTorch sees no CUDA GPU; pass trainer.device=cpu")
-    return torch.device(name)
+EpochStats = EpochRecord  # one epoch's numbers, declared once: results.json's history and the checkpoint's
 
 
 def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -84,53 +64,6 @@ def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int) -> float:
     raise ValueError(f"scheduler.name={name!r} is unknown")
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc reuse freed blocks instead of returning them to the OS (Linux).
-
-    By default glibc serves every allocation above 32 MB (one fp32 activation of a 16-channel
-    32x32 map at batch 512 is 33.5 MB) with a fresh ``mmap`` and unmaps it on free, so each
-    training step page-faults its activations in again; that measured 15-35% of an fp32 CPU step.
-    Turning ``mmap`` off (the heap then grows instead, falling back to ``mmap`` only if it cannot)
-    and not trimming the heap does what jemalloc/tcmalloc via LD_PRELOAD do, in-process. Returns
-    whether it applied; a no-op on other C libraries.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)  # the C library this process already runs on
-        m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
-    except (OSError, AttributeError):
-        return False
-
-
-@functools.lru_cache(maxsize=None)  # the job and the training loop both ask; read /proc/cpuinfo once
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo's flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-        flags = next(line for line in text.splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False  # not Linux, or no flags line: assume no native bf16
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split(":", 1)[-1].split()))
-
-
-def use_bf16(setting: bool | None, device: torch.device) -> bool:
-    """``trainer.bf16``: true/false as given; null = on for GPUs and CPUs with native bf16.
-
-    On CPUs without it, bf16 is emulated and slower than fp32, so auto leaves it off there.
-    """
-    if setting is not None:
-        return setting
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_native_bf16()
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
-
-
 def prepare_eval(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized float images and labels on ``device``, converted once for all epochs."""
     return normalize(to_float(split.x.to(device))), split.y.to(device)
@@ -157,7 +90,7 @@ def predict(
         xb = x[i : i + batch_size]
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with _autocast(x.device, bf16):
+        with autocast(x.device, bf16):
             logits = model(xb).float()
             if tta_flip:
                 logits = logits + model(xb.flip(3)).float()
@@ -176,6 +109,64 @@ def train_step_loss(
     """Forward pass and loss of one batch; returns (loss, logits)."""
     logits = model(xb)
     return F.cross_entropy(logits, yb, label_smoothing=label_smoothing), logits
+
+
+def images_per_epoch(n_images: int, batch_size: int) -> int:
+    """The training images an epoch uses: all of them, except that a last batch of one image is
+    skipped (BatchNorm cannot train on a single sample)."""
+    return n_images - 1 if n_images % batch_size == 1 else n_images
+
+
+def batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    augment: AugmentConfig,
+    gen: torch.Generator,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of training batches, as :func:`train` takes them.
+
+    ``x`` (uint8 images) and ``y`` live on the device; the epoch is a permutation drawn from
+    ``gen``, cut into index slices of ``batch_size`` (:func:`images_per_epoch`), each batch
+    augmented on the device (with ``gen``), normalized and laid out in ``memory_format``.
+    """
+    n = images_per_epoch(len(y), batch_size)
+    perm = torch.randperm(len(y), generator=gen, device=y.device)[:n]
+    for i in range(0, n, batch_size):
+        idx = perm[i : i + batch_size]
+        xb = normalize(augment_batch(to_float(x[idx]), augment, gen))
+        yield xb.contiguous(memory_format=memory_format), y[idx]
+
+
+def make_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: WeightEMA | None = None,
+    *,
+    bf16: bool = False,
+    label_smoothing: float = 0.0,
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The training step :func:`train` takes on each batch: ``step(xb, yb) -> (loss, logits)``.
+
+    Forward pass and loss (under bf16 autocast if ``bf16``), backward, optimizer step, then the
+    learning-rate schedule's and the weight average's step where given.
+    """
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(xb.device, bf16):
+            loss, logits = train_step_loss(model, xb, yb, label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if ema is not None:
+            ema.update()
+        return loss, logits
+
+    return step
 
 
 class WeightEMA:
@@ -218,57 +209,6 @@ class WeightEMA:
         self.updates = state["updates"]
 
 
-CHECKPOINT_VERSION = 1
-
-
-def save_checkpoint(
-    path: Path, model, opt, sched, gen: torch.Generator, history: list[EpochStats], config: dict,
-    ema: WeightEMA | None = None,
-) -> None:
-    """Everything needed to continue training exactly where it stopped, written atomically."""
-    state = {
-        "ema": ema.state_dict() if ema is not None else None,
-        "version": CHECKPOINT_VERSION,
-        "epoch": history[-1].epoch,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "generator": gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "history": [h.as_dict() for h in history],
-        "config": config,
-    }
-    save_torch(path, state)  # atomic; a full disk is reported as such
-
-
-def load_checkpoint(path: Path) -> dict:
-    """The resume state in ``path``, read with ``weights_only=True``: loading it never runs code.
-
-    A checkpoint holds only tensors (the generator state is a ByteTensor), dicts, lists, tuples,
-    numbers, strings and None, which torch's safe unpickler admits without an allow-list; a file
-    naming anything else is refused (``results.UnsafeFileError``) as a CheckpointError.
-    """
-    from .results import UnsafeFileError, load_torch
-
-    try:
-        state = load_torch(path)
-        version = state.get("version") if isinstance(state, dict) else type(state).__name__
-        if version != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {version}, expected {CHECKPOINT_VERSION}")
-        return state
-    except UnsafeFileError as e:
-        raise CheckpointError(f"cannot resume from {path}: {e}") from e
-    except Exception as e:
-        raise CheckpointError(
-            f"cannot resume from {path}: {type(e).__name__}: {e}; delete it to start this run afresh"
-        ) from e
-
-
-class CheckpointError(NormsweepError, RuntimeError):
-    """A checkpoint that cannot be resumed from."""
-
-
 def train(
     model: nn.Module,
     cfg: Config,
@@ -292,10 +232,9 @@ def train(
     train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
     val_x, val_y = prepare_eval(splits.val, device)
     test_x, test_y = prepare_eval(splits.test, device)
-    # A last batch of one image is skipped: BatchNorm cannot train on a single sample.
-    n = len(train_y) - 1 if len(train_y) % tc.batch_size == 1 else len(train_y)
-    starts = range(0, n, tc.batch_size)
-    total_steps = len(starts) * tc.epochs
+    n = images_per_epoch(len(train_y), tc.batch_size)
+    steps_per_epoch = len(range(0, n, tc.batch_size))
+    total_steps = steps_per_epoch * tc.epochs
 
     opt = make_optimizer(model.parameters(), cfg.optimizer)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.scheduler, s, total_steps))
@@ -304,6 +243,7 @@ def train(
     step_model = torch.compile(model, mode=tc.compile) if tc.compile else model
     ema = WeightEMA(model, tc.ema_decay) if tc.ema_decay else None
     eval_model = ema.model if ema is not None else model
+    step = make_step(step_model, opt, sched, ema, bf16=bf16, label_smoothing=tc.label_smoothing)
 
     history: list[EpochStats] = []
     if checkpoint is not None and checkpoint.exists():
@@ -326,27 +266,17 @@ def train(
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
-        perm = torch.randperm(len(train_y), generator=gen, device=device)[:n]
         bar = tqdm(
-            starts,
+            batches(train_x, train_y, tc.batch_size, cfg.augment, gen, fmt),
+            total=steps_per_epoch,
             desc=f"epoch {epoch}/{tc.epochs}",
             unit="batch",
             leave=False,
             disable=None if tc.progress else True,  # None: only on a terminal
         )
-        for i in bar:
-            idx = perm[i : i + tc.batch_size]
-            xb = normalize(augment_batch(to_float(train_x[idx]), cfg.augment, gen))
-            yb = train_y[idx]
-            with _autocast(device, bf16):
-                loss, logits = train_step_loss(step_model, xb.contiguous(memory_format=fmt), yb, tc.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update()
-            loss_sum += loss.detach().float() * len(idx)
+        for xb, yb in bar:
+            loss, logits = step(xb, yb)
+            loss_sum += loss.detach().float() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
         train_loss = loss_sum.item() / n
         lr = opt.param_groups[0]["lr"]

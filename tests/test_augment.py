@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normsweep.augment import augment_batch, hsv_to_rgb, normalize, random_crop, random_flip, rgb_to_hsv, shift_hue
+from normsweep.augment import _from_hue, _hue, augment_batch, normalize, random_crop, random_flip, shift_hue
 from normsweep.config import AugmentConfig
 
 SEED = AugmentConfig(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1, flip_p=0.3, rotate_deg=10.0)
@@ -14,6 +14,20 @@ CROP_FLIP = AugmentConfig(crop_padding=4, flip_p=0.5)
 
 def batch(n: int = 64) -> torch.Tensor:
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """HSV through shift_hue's own pieces (augment._hue), to test them against torchvision."""
+    maxc, minc = x.amax(1), x.amin(1)
+    cr = maxc - minc
+    s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    return torch.stack((_hue(x, maxc, cr), s, maxc), 1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """RGB from HSV through shift_hue's closed form (augment._from_hue)."""
+    h, s, v = x.unbind(1)
+    return _from_hue(h, v, v * s)
 
 
 @pytest.mark.parametrize("cfg", [SEED, CROP_FLIP, AugmentConfig()], ids=["seed", "crop_flip", "none"])

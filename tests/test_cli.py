@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from normsweep.job import model_from_config
-from normsweep.results import load_model
 from normsweep.config import Config
+from normsweep.models import model_from_config
+from normsweep.results import load_model
 
 from .conftest import REPO, SHARED_CIFAR, write_folder_dataset
 

@@ -10,8 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from normsweep.config import Config, ConfigError, register_configs, to_config
-from normsweep.job import BudgetError, check_budget, model_from_config
-from normsweep.models import count_params
+from normsweep.models import BudgetError, check_budget, count_params, model_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["norm", "model", "augment", "optimizer", "scheduler", "data", "trainer", "budget", "experiment", "logger"]

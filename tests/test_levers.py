@@ -12,8 +12,7 @@ from torch import nn
 
 from normsweep.config import SearchConfig
 from normsweep.data import load_raw, make_splits
-from normsweep.job import model_from_config
-from normsweep.models import WSConv2d, build_model, count_params
+from normsweep.models import WSConv2d, build_model, count_params, model_from_config
 from normsweep.search import make_pruner
 from normsweep.train import WeightEMA, accuracy, predict, prepare_eval, train
 

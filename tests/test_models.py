@@ -7,9 +7,14 @@ import torch
 from torch import nn
 
 from normsweep.models import StudyNet, build_model, count_params
-from normsweep.norms import make_norm, norm_layer
+from normsweep.norms import norm_layer
 
 DEFAULT = dict(widths=[16, 24, 36, 56], depths=[1, 1, 0])
+
+
+def make_norm(kind: str, channels: int, groups: int = 1, where: str = "") -> nn.Module:
+    """One ``kind`` norm layer for a feature map with ``channels`` channels, as a model builds it."""
+    return norm_layer(kind, groups)(channels, where)
 
 
 @pytest.mark.parametrize("norm", ["batch", "group", "layer", "instance"])
@@ -132,7 +137,7 @@ def test_fast_dropout_drops_with_probability_p_and_keeps_the_expectation(channel
 def test_keep_freed_memory_applies_on_glibc() -> None:
     import platform
 
-    from normsweep.train import keep_freed_memory
+    from normsweep.runtime import keep_freed_memory
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")

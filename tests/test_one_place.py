@@ -1,7 +1,8 @@
-"""Facts declared once: the result-neutral keys, and a training job that does not need Optuna."""
+"""Facts declared once: the result-neutral keys, a training job that does not need Optuna, no import cycles."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from normsweep.config import RESULT_NEUTRAL_KEYS, is_result_neutral, register_configs
-from normsweep.job import config_differences
 from normsweep.report import _row
+from normsweep.results import RunRecord
+from normsweep.resume import config_differences
 from normsweep.search import study_name_for
 
 from .conftest import REPO
@@ -53,12 +55,13 @@ def test_job_directories_are_not_named_after_neutral_keys() -> None:
 
 def test_the_report_shows_swept_settings_but_not_neutral_keys(tmp_path) -> None:
     res = {"config": {}, "overrides": ["optimizer.momentum=0.8", *NEUTRAL_OVERRIDES], "status": "completed"}
-    row = _row(tmp_path / "job", res, tmp_path)
+    row = _row(tmp_path / "job", RunRecord.from_dict(res), tmp_path)
     assert row["optimizer.momentum"] == "0.8"
     assert not any(key in row for key in RESULT_NEUTRAL_KEYS)
 
 
-@pytest.mark.parametrize("module", ["normsweep.job", "normsweep.train", "normsweep.models", "normsweep.report"])
+@pytest.mark.parametrize("module", ["normsweep.job", "normsweep.train", "normsweep.models", "normsweep.report",
+                                    "normsweep.runtime"])  # fmt: skip
 def test_a_training_job_does_not_import_optuna(module: str) -> None:
     code = f"import sys, {module}; assert 'optuna' not in sys.modules, 'optuna imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -86,3 +89,61 @@ def test_single_option_groups_and_their_dataclass_agree_on_every_default(yaml_fi
         if OmegaConf.is_interpolation(written, key):
             continue  # e.g. data.root=${oc.env:NORMSWEEP_DATA,data}
         assert written[key] == defaults[key], f"conf/{yaml_file} {key}={written[key]!r} but {schema}.{key}={defaults[key]!r}"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """normsweep's modules and the normsweep modules each imports, at the top or inside a function."""
+    package = REPO / "normsweep"
+    modules = {p.stem for p in package.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in sorted(package.glob("*.py")):
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):  # import normsweep.x
+                names = [a.name.split(".")[1] for a in node.names if a.name.startswith("normsweep.")]
+            elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("normsweep")):
+                module = (node.module or "") if node.level else (node.module or "").removeprefix("normsweep").lstrip(".")
+                # "from .train import x" imports train; "from . import results, trackers" those modules
+                names = [module.split(".")[0]] if module else [a.name for a in node.names]
+            else:
+                continue
+            targets |= set(names) & modules
+        graph[path.stem] = targets - {path.stem}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle in ``graph`` (as the path around it), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_normsweep_modules_import_each_other_without_a_cycle() -> None:
+    """No two modules depend on each other, not even through an import inside a function."""
+    graph = _package_imports()
+    assert {"job", "train", "runtime", "report", "plots", "trackers"} <= graph.keys()
+    assert "plots" in graph["report"] and "report" not in graph["plots"]  # lazy imports are seen
+    assert "train" in graph["job"] and not graph["runtime"]  # runtime imports nothing of normsweep
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"

@@ -10,7 +10,7 @@ import torch
 
 from normsweep.config import SchedulerConfig, SchedulerName
 from normsweep.data import load_raw, make_splits
-from normsweep.job import model_from_config
+from normsweep.models import model_from_config
 from normsweep.train import NonFiniteLossError, lr_factor, train
 
 from .test_config import make_cfg
@@ -91,7 +91,8 @@ def test_channels_last_and_plain_layout_give_the_same_loss(splits) -> None:
 def test_bf16_autocast_trains_and_stays_close_to_fp32(splits) -> None:
     """bf16 changes the arithmetic on purpose; its loss on the same batch stays within 2% of fp32."""
     from normsweep.augment import normalize, to_float
-    from normsweep.train import _autocast, train_step_loss
+    from normsweep.runtime import autocast
+    from normsweep.train import train_step_loss
 
     x, y = normalize(to_float(splits.train.x[:50])), splits.train.y[:50]
     for norm in ("batch", "group", "layer"):
@@ -99,7 +100,7 @@ def test_bf16_autocast_trains_and_stays_close_to_fp32(splits) -> None:
         torch.manual_seed(0)
         model = model_from_config(cfg)
         ref, _ = train_step_loss(model, x, y, 0.1)
-        with _autocast(torch.device("cpu"), True):
+        with autocast(torch.device("cpu"), True):
             low, _ = train_step_loss(model, x, y, 0.1)
         assert math.isclose(ref.item(), low.item(), rel_tol=0.02), norm
     cfg = make_cfg("trainer.epochs=2", "trainer.bf16=true", *TINY)
@@ -123,7 +124,7 @@ def test_compiled_training_step_gives_the_same_loss(splits) -> None:
 
 
 def test_bf16_auto_follows_the_cpu_flags_and_explicit_settings_win() -> None:
-    from normsweep.train import cpu_has_native_bf16, use_bf16
+    from normsweep.runtime import cpu_has_native_bf16, use_bf16
 
     assert cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 sha_ni\n")
     assert cpu_has_native_bf16("flags\t\t: fpu amx_tile amx_bf16\n")

@@ -1,0 +1,35 @@
+"""The settings a sweep's runs are compared by: the columns the report's tables and the plots' labels share.
+
+Plain data and pandas only: :mod:`normsweep.report` and :mod:`normsweep.plots` both read it, and
+neither imports the other for it (report -> plots is the one direction between them).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+# (column, path into the run's config); the swept settings a reader compares runs by.
+SETTINGS = [
+    ("norm", "norm.kind"),
+    ("groups", "norm.groups"),
+    ("ws", "norm.ws"),
+    ("model", "model.arch"),
+    ("augment", None),  # path None: the config group's choice (results.json "choices")
+    ("recipe", None),  # conf/recipe/<norm>.yaml (each norm's own) or shared
+    ("optimizer", "optimizer.name"),
+    ("scheduler", "scheduler.name"),
+    ("lr", "optimizer.lr"),
+    ("weight_decay", "optimizer.weight_decay"),
+    ("dropout", "model.dropout"),
+    ("batch_size", "trainer.batch_size"),
+    ("label_smoothing", "trainer.label_smoothing"),
+    ("ema_decay", "trainer.ema_decay"),
+    ("epochs", "trainer.epochs"),
+    ("train_size", "data.train_size"),
+    ("seed", "trainer.seed"),
+]
+
+
+def varying_columns(df: pd.DataFrame, columns: list[str]) -> list[str]:
+    """Those of ``columns`` in ``df`` that take more than one value (NaN counted as a value)."""
+    return [c for c in columns if c in df and df[c].astype(str).nunique(dropna=False) > 1]
