@@ -30,16 +30,17 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from .config import LoggerConfig, LoggerKind, NormsweepError
-from .results import RESULTS_FILE, SUMMARY_FILE, TRAINING_STATE_FILE, write_json
+from .results import RESULTS_FILE, SUMMARY_FILE, TRAINING_STATE_FILE, EpochRecord, write_json
 from .train import EpochStats
 
 log = logging.getLogger(__name__)
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "seconds")  # EpochStats' fields, step = epoch
+EPOCH_METRICS = tuple(f.name for f in fields(EpochRecord) if f.name != "epoch")  # logged per epoch, step = epoch
 FINAL_METRICS = ("final_val_acc", "final_test_acc", "best_val_acc", "final_train_loss",
                  "final_val_acc_tta", "final_test_acc_tta", "params", "seconds_per_epoch", "peak_memory_mb")  # fmt: skip
 MLFLOW_RUN_FILE = "mlflow_run.json"  # in the job directory: the MLflow run a resumed job continues
