@@ -95,14 +95,15 @@ def test_a_sigkilled_worker_does_not_stall_the_search(tmp_path: Path, data_args,
         names = [s.study_name for s in optuna.get_all_study_summaries(st)]
         return optuna.load_study(study_name=names[0], storage=st) if names else None
 
-    victim = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim_log = (tmp_path / "victim.log").open("w")
+    victim = subprocess.Popen(args, cwd=REPO, stdout=victim_log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill it mid-trial: a trial is running and has beaten at least once
         study = load()
         running = study.get_trials(states=(State.RUNNING,)) if study else []
         if running and HEARTBEAT_ATTR in running[0].system_attrs:
             break
-        assert victim.poll() is None, "the worker ended before it could be killed mid-trial"
+        assert victim.poll() is None, f"the worker ended before it could be killed mid-trial:\n{(tmp_path / 'victim.log').read_text()[-3000:]}"
         time.sleep(0.2)
     else:
         pytest.fail("no running trial with a heartbeat within 300 s")

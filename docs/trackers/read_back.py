@@ -41,7 +41,8 @@ def tensorboard(sweep: Path, out: Path) -> None:
             events = mux.Scalars(run, tag)
             ax.plot([e.step for e in events], [e.value for e in events], marker=".", label=name)
             ax.set(xlabel="epoch (step)", title=f"{tag} (TensorBoard scalars)")
-        final = {t.split("/", 1)[1]: mux.Scalars(run, t)[-1].value for t in tags if t.startswith("final/")}
+        shown = ("final_test_acc", "final_test_acc_tta", "best_val_acc")  # of the HParams view's final metrics
+        final = {m: mux.Scalars(run, f"final/{m}")[-1].value for m in shown if f"final/{m}" in tags}
         rows.append({"run": name, "epochs logged": len(mux.Scalars(run, "test_acc")),
                      "last test_acc": mux.Scalars(run, "test_acc")[-1].value, **final})  # fmt: skip
     axes[0].legend(fontsize=7)
@@ -63,13 +64,13 @@ def mlflow(uri: str, experiment: str, out: Path) -> None:
             "run": run.info.run_name, "status": run.info.status, "norm.kind": run.data.params.get("norm.kind"),
             "norm.ws": run.data.params.get("norm.ws"), "optimizer.weight_decay": run.data.params.get("optimizer.weight_decay"),
             "test_acc steps": ",".join(str(m.step) for m in sorted(history, key=lambda m: m.step)),
-            "final_test_acc": run.data.metrics.get("final_test_acc"),
-            "final_test_acc_tta": run.data.metrics.get("final_test_acc_tta"),
+            "final_test_acc": f"{run.data.metrics.get('final_test_acc', float('nan')):.2f}",
+            "final_test_acc_tta": f"{run.data.metrics.get('final_test_acc_tta', float('nan')):.2f}",
             "artifacts": ", ".join(sorted(a.path for a in client.list_artifacts(run.info.run_id))),
         })  # fmt: skip
     (out / "mlflow_runs.md").write_text(
         f"Experiment `{experiment}` in `{uri}`, read back with `MlflowClient`:\n\n"
-        + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f") + "\n"
+        + pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n"  # params as MLflow holds them
     )
 
 
