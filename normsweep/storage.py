@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".normsweep-lock"  # beside the storage file; not Optuna's own "<file>.lock"
+SQLITE_BUSY_TIMEOUT_S = 60  # how long a SQLite write waits for another process's to finish
 
 
 def resolve_storage(url: Optional[str], base: Path) -> str:
@@ -53,8 +54,11 @@ def open_storage(spec: str):
 
     # Optuna creates its tables when it first opens a database; workers starting together on an
     # empty one would race to create them (a duplicate-key error on PostgreSQL), so one at a time.
+    # SQLite lets one writer in at a time and makes the others wait 5 s by default; heartbeats, a
+    # second worker and optuna-dashboard all write or read the file, so a busy machine needs longer.
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if spec.startswith("sqlite:") else None
     with trial_slot_lock(spec, "normsweep: create the schema"):
-        return RDBStorage(spec)
+        return RDBStorage(spec, engine_kwargs=engine_kwargs)
 
 
 def _lock_key(study_name: str) -> int:

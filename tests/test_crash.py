@@ -46,9 +46,10 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def run_args(dataset: Path, cache: Path, *extra: str) -> list[str]:
+    """A small run with every lever of the fair comparison on (WS, weight EMA; flip TTA is the default)."""
     return [f"data.root={dataset}", f"data.cache_dir={cache}", "data.val_size=100", "trainer.batch_size=50",
             "trainer.device=cpu", "trainer.threads=1", "trainer.progress=false", "augment=seed",
-            "model.dropout=0.1", "trainer.ema_decay=0.9", *extra]  # fmt: skip
+            "model.dropout=0.1", "norm.ws=true", "trainer.ema_decay=0.9", *extra]  # fmt: skip
 
 
 def start(args: list[str], sitecustomize: Path | None = None, kill_at: str | None = None) -> subprocess.Popen:

@@ -179,3 +179,26 @@ def test_an_int_log_interval_proposes_integers() -> None:
 def test_an_empty_float_range_is_refused_naming_the_key() -> None:
     with pytest.raises(ValueError, match="search.params.x=.*empty range"):
         to_distribution("x", "range(0.5, 0.5, step=0.1)")
+
+
+def test_a_sqlite_study_waits_for_another_writer_instead_of_failing(tmp_path: Path) -> None:
+    import sqlite3
+    import threading
+    import time
+
+    from normsweep.storage import open_storage
+
+    db = tmp_path / "study.db"
+    study = optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{db}"))
+    other = sqlite3.connect(db, check_same_thread=False)  # another process's long write (a busy dashboard, a worker)
+    other.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(6.5, other.rollback)  # longer than SQLite's default 5 s wait
+    release.start()
+    try:
+        t0 = time.monotonic()
+        trial = study.ask()  # a write: waits for the other writer instead of "database is locked"
+        waited = time.monotonic() - t0
+    finally:
+        release.join()
+        other.close()
+    assert waited > 5.5 and trial.number == 0
