@@ -71,12 +71,14 @@ def data_args(tmp_path_factory) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["journal", "sqlite"])
-def test_a_sigkilled_worker_does_not_stall_the_search(tmp_path: Path, data_args, backend: str) -> None:
+@pytest.mark.parametrize("backend", ["journal", "sqlite", "postgresql"])
+def test_a_sigkilled_worker_does_not_stall_the_search(tmp_path: Path, data_args, backend: str, request) -> None:
     if backend == "journal":
         spec, storage = f"journal:{tmp_path / 'study.journal'}", None
-    else:
+    elif backend == "sqlite":
         spec = storage = f"sqlite:///{tmp_path / 'study.db'}"
+    else:  # a real server the test starts (tests/conftest.py), skipped where PostgreSQL is not installed
+        spec = storage = request.getfixturevalue("postgres_url")
     args = [sys.executable, "-m", "normsweep", "-m", "search=optuna", f"search.storage={spec}", "search.n_trials=3",
             "search.pruner=none", "search.heartbeat_interval=0.5", "search.grace_period=8", "trainer.epochs=60",
             "budget.enforce=false", *data_args, f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
@@ -90,7 +92,7 @@ def test_a_sigkilled_worker_does_not_stall_the_search(tmp_path: Path, data_args,
             from optuna.storages.journal import JournalFileBackend
 
             st = JournalStorage(JournalFileBackend(str(tmp_path / "study.journal")))
-        elif not (tmp_path / "study.db").exists():
+        elif backend == "sqlite" and not (tmp_path / "study.db").exists():
             return None
         names = [s.study_name for s in optuna.get_all_study_summaries(st)]
         return optuna.load_study(study_name=names[0], storage=st) if names else None

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,8 +16,6 @@ import pytest
 from .conftest import REPO, small_data_args
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-PG_INSTALL_HINT = "install the PostgreSQL server: `sudo apt-get install postgresql` (Debian/Ubuntu)"
 
 
 @pytest.fixture(scope="module")
@@ -166,50 +159,6 @@ def test_two_workers_on_one_journal_file_run_exactly_n_trials(tmp_path: Path, da
     from optuna.storages.journal import JournalFileBackend
 
     check_exactly_n_trials(JournalStorage(JournalFileBackend(str(journal))), tmp_path, workers, n_trials=6)
-
-
-# ------------------------------------------------------------------ a real PostgreSQL server
-
-
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found if isinstance(found, str) else (found[-1] if found else None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def postgres_url():
-    """A throwaway PostgreSQL server: initdb into a temporary dir, 127.0.0.1 on a free port; stopped after."""
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip(f"PostgreSQL server binaries (initdb, pg_ctl) not found; {PG_INSTALL_HINT}")
-    pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]' (normsweep's [postgres] extra)")
-    run_as: list[str] = []
-    workdir = Path(tempfile.mkdtemp(prefix="normsweep-pg-"))
-    if os.geteuid() == 0:  # the server refuses to run as root: run it as the package's postgres user
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the server as; " + PG_INSTALL_HINT)
-        os.chown(workdir, user.pw_uid, user.pw_gid)
-        run_as = ["runuser", "-u", "postgres", "--"]
-    data, port = workdir / "data", _free_port()
-    subprocess.run([*run_as, initdb, "-D", str(data), "-U", "normsweep", "--auth=trust", "--no-sync"],
-                   check=True, capture_output=True)  # fmt: skip
-    opts = f"-h 127.0.0.1 -p {port} -k {workdir} -c fsync=off"
-    started = subprocess.run([*run_as, pg_ctl, "-D", str(data), "-o", opts, "-l", str(workdir / "log"), "-w", "start"],
-                             capture_output=True, text=True)  # fmt: skip
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr + (workdir / "log").read_text()
-        yield f"postgresql+psycopg://normsweep@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_racing_workers_on_a_postgresql_server_take_exactly_n_trials(postgres_url) -> None:
