@@ -338,12 +338,13 @@ def load_raw(root: str | Path, fmt: str = "auto", download: bool = False, cache_
     fingerprint = source_fingerprint(root, fmt)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     cache_file = cache / f"cifar10-{fmt}-{fingerprint}.pt"
-    if cache_file.exists():
+    seen = _stat(cache_file)
+    if seen is not None:
         raw = _read_cache(cache_file, fingerprint)
         if raw is not None:
             return raw
     with _cache_writer(cache_file):
-        if cache_file.exists():  # another process may have written it while this one waited
+        if _stat(cache_file) not in (None, seen):  # another process wrote it while this one waited
             raw = _read_cache(cache_file, fingerprint)
             if raw is not None:
                 return raw
@@ -354,6 +355,15 @@ def load_raw(root: str | Path, fmt: str = "auto", download: bool = False, cache_
             log.warning("not caching the decoded images: %s; this run goes on without the cache "
                         "(or pass data.cache_dir=PATH to a writable folder with free space)", e)  # fmt: skip
     return raw
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of ``path``, None if it does not exist: tells whether a file was rewritten."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 @contextlib.contextmanager

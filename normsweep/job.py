@@ -30,7 +30,7 @@ from .config import Config, ConfigError, NormsweepError, to_config
 from .data import load_raw, make_splits
 from .models import check_budget, count_params, model_from_config
 from .results import RunRecord
-from .resume import config_differences, previous_result, resume_hint  # noqa: F401 - config_differences re-exported
+from .resume import previous_result, resume_hint
 from .runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
 from .train import EpochStats, accuracy, predict, prepare_eval, train
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from normsweep import data, results
-from normsweep.job import config_differences
+from normsweep.resume import config_differences
 from normsweep.train import load_checkpoint
 
 from .conftest import REPO, write_folder_dataset

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from normsweep.data import load_raw, make_splits
-from normsweep.job import config_differences, model_from_config
+from normsweep.models import model_from_config
+from normsweep.resume import config_differences
 from normsweep.train import CheckpointError, load_checkpoint, train
 
 from .conftest import REPO, small_data_args

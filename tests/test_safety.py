@@ -29,7 +29,8 @@ from PIL import Image
 
 from normsweep import data, results
 from normsweep.data import CLASSES, DataError, load_raw, make_splits, source_fingerprint
-from normsweep.job import RUN_LOCK_FILE, RunDirInUse, hold_run_dir, model_from_config
+from normsweep.job import RUN_LOCK_FILE, RunDirInUse, hold_run_dir
+from normsweep.models import model_from_config
 from normsweep.results import UnsafeFileError, WriteError, write_json
 from normsweep.train import CheckpointError, load_checkpoint, train
 
