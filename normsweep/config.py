@@ -234,7 +234,8 @@ class SearchConfig:
     pruner: str = "median"  # median | none | threshold | hyperband | successive_halving
     prune_below: float = 0.0  # threshold pruner: prune when validation accuracy is below this
     pruner_startup_trials: int = 3  # median pruner: trials that are never pruned
-    min_resource: int = 1  # hyperband/successive_halving: epochs every trial gets before it can be pruned
+    min_resource: int = 1  # median/hyperband/successive_halving: epochs every trial runs before it can be pruned
+    enqueue_current: bool = True  # trial 0 of a new study is the current settings (the norm's recipe)
     reduction_factor: int = 3  # hyperband/successive_halving: keep the best 1/reduction_factor at each rung
     max_failure_rate: float = 0.5
     heartbeat_interval: Optional[float] = 30.0  # seconds between a running trial's heartbeats; null = off

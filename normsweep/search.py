@@ -104,14 +104,21 @@ def to_distribution(key: str, value: Any) -> optuna.distributions.BaseDistributi
     )
 
 
+SEARCH_TAG = "search"  # `KEY=tag(search, choice(2, 4))` on the command line: a dimension, not a grid axis
+
+
 def split_overrides(overrides: list[Override]) -> tuple[dict, list[list[str]], list[str]]:
-    """(search dimensions from the command line, grid of other sweeps, fixed overrides)."""
+    """(search dimensions from the command line, grid of other sweeps, fixed overrides).
+
+    An ``interval(...)`` is always a dimension; a ``choice``/``range`` is a grid axis unless it is
+    tagged ``search`` (``norm.groups=tag(search, choice(2, 4))``).
+    """
     dims: dict[str, Any] = {}
     grid: list[list[str]] = []
     fixed: list[str] = []
     for o in overrides:
         key = o.get_key_element()
-        if o.is_sweep_override() and isinstance(o.value(), IntervalSweep):
+        if o.is_sweep_override() and (isinstance(o.value(), IntervalSweep) or SEARCH_TAG in o.value().tags):
             dims[key] = o.value()
         elif o.is_sweep_override():
             grid.append([f"{key}={v}" for v in o.sweep_string_iterator()])
@@ -143,11 +150,12 @@ def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.SuccessiveHalvingPruner(
             min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor
         )
-    return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=1)
+    return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.min_resource)
 
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-TAKEN = FINISHED + (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)  # trials that use a slot
+# Trials that use a slot. An enqueued (WAITING) trial takes its slot when a worker asks for it.
+TAKEN = FINISHED + (optuna.trial.TrialState.RUNNING,)
 HEARTBEAT_ATTR = "normsweep:heartbeat"  # system attr: time.time() of the trial's last heartbeat
 STALE_ATTR = "normsweep:stale"  # system attr on a trial failed for a dead worker: it frees its slot
 
@@ -239,6 +247,34 @@ def take_trial(study: optuna.Study, spec: str, cfg: SearchConfig, dims: dict) ->
         return trial
 
 
+def enqueue_current(study: optuna.Study, spec: str, current: dict[str, Any]) -> bool:
+    """Make ``current`` (the settings the command would run without a search) the study's trial 0.
+
+    Only a new study gets it, under the slot lock, so concurrent workers enqueue it once; the
+    study's best is then never below the current recipe on validation accuracy.
+    """
+    with trial_slot_lock(spec, study.study_name):
+        if study.get_trials(deepcopy=False):
+            return False
+        study.enqueue_trial(current, user_attrs={"enqueued": "current settings (search.enqueue_current)"})
+    log.info("study %s: trial 0 is the current settings %s", study.study_name, current)
+    return True
+
+
+def current_values(config: DictConfig, dims: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
+    """Each dimension's value in ``config`` (a composed job config), where the distribution can hold it."""
+    values = {}
+    for key, dist in dims.items():
+        value = OmegaConf.select(config, key, default=None)
+        value = getattr(value, "value", value)  # an Enum member: its value
+        if isinstance(dist, optuna.distributions.CategoricalDistribution) and value not in dist.choices:
+            log.warning("search.enqueue_current: %s=%r is not one of %s; trial 0 samples it", key, value, dist.choices)
+            continue
+        if value is not None:
+            values[key] = int(value) if isinstance(dist, optuna.distributions.IntDistribution) else value
+    return values
+
+
 # ------------------------------------------------------------------ the sweeper
 
 
@@ -253,6 +289,7 @@ class OptunaSweeper(Sweeper):
         from hydra.core.plugins import Plugins
 
         self.config = config
+        self.config_loader = hydra_context.config_loader
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -289,6 +326,9 @@ class OptunaSweeper(Sweeper):
                                     pruner=make_pruner(cfg))  # fmt: skip
         study.set_user_attr("overrides", point)
         overrides = fixed + point
+        if cfg.enqueue_current:
+            job_config = self.config_loader.load_sweep_config(self.config, list(overrides))
+            enqueue_current(study, spec, current_values(job_config, dims))
         done = sum(uses_slot(t) for t in study.get_trials(deepcopy=False))
         log.info("study %s: %d of %d trials taken; up to %d to run here", name, done, cfg.n_trials, max(0, cfg.n_trials - done))
         while True:

@@ -14,7 +14,7 @@ import yaml
 
 from normsweep.search import split_overrides, to_distribution
 
-from .conftest import REPO, small_data_args
+from .conftest import REPO, compose_config, small_data_args
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -39,6 +39,11 @@ def test_command_line_intervals_are_dimensions_other_sweeps_are_a_grid() -> None
     assert list(dims) == ["model.dropout"]
     assert grid == [["norm=batch", "norm=group"]]
     assert fixed == ["trainer.epochs=1"]
+    # a choice tagged `search` is a dimension, not a grid axis
+    dims, grid, _ = split_overrides(OverridesParser.create().parse_overrides(
+        ["norm=batch,group", "norm.groups=tag(search, choice(2, 4))"]))  # fmt: skip
+    assert list(dims) == ["norm.groups"] and grid == [["norm=batch", "norm=group"]]
+    assert to_distribution("norm.groups", dims["norm.groups"]).choices == (2, 4)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +74,10 @@ def test_search_completes_resumes_without_repeating_and_tops_up_to_n_trials(tmp_
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     (name, trials), = studies(tmp_path).items()
     assert name.startswith("normsweep-batch-") and [t.state for t in trials] == [State.COMPLETE] * 3
+    # search.enqueue_current (on by default): trial 0 is what the command runs without a search
+    recipe = compose_config(data_args)
+    assert trials[0].params == {"model.dropout": recipe.model.dropout, "optimizer.lr": recipe.optimizer.lr}
+    assert all(t.params != trials[0].params for t in trials[1:])
     for t in trials:  # the objective is validation accuracy, read from the trial's own job
         res = json.loads((Path(t.user_attrs["job_dir"]) / "results.json").read_text())
         assert t.value == res["final_val_acc"] and res["trial"] == t.number
@@ -90,6 +99,14 @@ def test_search_completes_resumes_without_repeating_and_tops_up_to_n_trials(tmp_
     trials = studies(tmp_path)[name]
     assert len(trials) == 5 and all(t.state == State.COMPLETE for t in trials)
     assert len({(t.params["optimizer.lr"], t.params["model.dropout"]) for t in trials}) == 5
+
+
+@pytest.mark.slow
+def test_the_current_settings_are_not_enqueued_when_switched_off(tmp_path: Path, data_args) -> None:
+    proc = search(tmp_path, data_args, "search.n_trials=1", "search.enqueue_current=false", "search.pruner=none")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ((trial,),) = studies(tmp_path).values()
+    assert trial.params["optimizer.lr"] != compose_config(data_args).optimizer.lr and "enqueued" not in trial.user_attrs
 
 
 @pytest.mark.slow
@@ -132,7 +149,7 @@ def test_a_forced_pruner_prunes_and_records_the_epoch(tmp_path: Path, data_args)
 
 @pytest.mark.slow
 def test_one_study_per_norm(tmp_path: Path, data_args) -> None:
-    proc = search(tmp_path, data_args, "search.n_trials=2", "norm=batch,group")
+    proc = search(tmp_path, data_args, "search.n_trials=2", "norm=batch,group", "norm.groups=tag(search, choice(2, 4))")
     assert proc.returncode == 0, proc.stdout[-3000:]
     found = studies(tmp_path)
     assert sorted(n.split("-")[1] for n in found) == ["batch", "group"]
@@ -140,7 +157,8 @@ def test_one_study_per_norm(tmp_path: Path, data_args) -> None:
         norm = name.split("-")[1]
         assert len(trials) == 2
         for t in trials:
-            assert json.loads((Path(t.user_attrs["job_dir"]) / "results.json").read_text())["norm"] == norm
+            res = json.loads((Path(t.user_attrs["job_dir"]) / "results.json").read_text())
+            assert res["norm"] == norm and res["config"]["norm"]["groups"] == t.params["norm.groups"] in (2, 4)
     table = (tmp_path / "sweep" / "optimization_results.md").read_text()
     assert "norm=batch" in table and "norm=group" in table
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The full-fidelity search (issue 19), resumable: run it again and it continues where it stopped.
+# Round-robin: each round tops every study up by STEP trials, so all three advance together.
+#   nohup docs/search_full/run.sh > ../runs/search_full.log 2>&1 &
+# Environment: TRIALS (total per study, 24), STEP (2), THREADS (torch threads per trial, 1),
+# DATA (../shared/data/cifar10-jpg), RUNS (where the trial job directories go, ../runs/search_full).
+set -u
+cd "$(dirname "$0")/../.."
+TRIALS=${TRIALS:-24} STEP=${STEP:-2} THREADS=${THREADS:-1}
+DATA=${DATA:-../shared/data/cifar10-jpg} RUNS=${RUNS:-../runs/search_full}
+PY=${PY:-python}
+for n in $(seq "$STEP" "$STEP" "$TRIALS"); do
+  for norm in group layer batch; do
+    extra=()
+    [ "$norm" = group ] && extra=('norm.groups=tag(search, choice(2, 4))')
+    echo "=== $(date -Is) round to $n trials: $norm"
+    "$PY" -m normsweep -m experiment=search_full "norm=$norm" "${extra[@]}" "search.n_trials=$n" \
+      "trainer.threads=$THREADS" "data.root=$DATA" "hydra.sweep.dir=$RUNS/$norm" \
+      || echo "=== $(date -Is) $norm round $n exited with $?"
+  done
+done
