@@ -6,6 +6,9 @@ neither imports the other for it (report -> plots is the one direction between t
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import pandas as pd
 
 # (column, path into the run's config); the swept settings a reader compares runs by.
@@ -33,3 +36,18 @@ SETTINGS = [
 def varying_columns(df: pd.DataFrame, columns: list[str]) -> list[str]:
     """Those of ``columns`` in ``df`` that take more than one value (NaN counted as a value)."""
     return [c for c in columns if c in df and df[c].astype(str).nunique(dropna=False) > 1]
+
+
+def setting_text(v: Any) -> str:
+    """A setting as it was given: 0.001 stays 0.001 (not 0.00), 256 stays 256 in a column with blanks
+    (not 256.0), an unset one is blank."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def with_known_settings(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose settings were read: not those of a run with no readable record (every setting
+    missing, e.g. an unreadable results.json), whose blanks would make every setting look swept."""
+    present = [c for c, _ in SETTINGS if c in df]
+    return df[df[present].notna().any(axis=1)] if present else df

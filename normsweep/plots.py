@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .columns import SETTINGS, varying_columns  # noqa: E402
+from .columns import SETTINGS, setting_text, varying_columns, with_known_settings  # noqa: E402
 from .data import CLASSES  # noqa: E402
 from .norms import NORMS  # noqa: E402
 from .results import PREDICTIONS_FILE, RunRecord, atomic_write  # noqa: E402
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # One colour per norm, in the registry's order: matplotlib's default cycle C0, C1, ...
 NORM_COLOURS = {kind: f"C{i}" for i, kind in enumerate(NORMS)}
+LABEL_WIDTH = 30  # characters per line of a bar's or a legend's label; longer labels wrap
 
 
 def _save(fig, path: Path, dpi: int) -> None:
@@ -42,9 +44,19 @@ def _save(fig, path: Path, dpi: int) -> None:
 
 
 def run_label(df: pd.DataFrame) -> pd.Series:
-    """A legend label per run: its norm plus every other setting that varies (seed excluded)."""
-    varying = varying_columns(df, [c for c, _ in SETTINGS if c not in ("norm", "seed")])
-    return df.apply(lambda r: " ".join([str(r["norm"])] + [f"{c}={r[c]}" for c in varying]), axis=1)
+    """A legend label per run: its norm plus every other setting that varies (seed excluded) among the
+    runs whose settings were read (an unreadable record's blanks do not make every setting vary)."""
+    varying = varying_columns(with_known_settings(df), [c for c, _ in SETTINGS if c not in ("norm", "seed")])
+
+    def label(r: pd.Series) -> str:
+        return " ".join([str(r["norm"])] + [f"{c}={setting_text(r[c]) or 'null'}" for c in varying])
+
+    return df.apply(label, axis=1)
+
+
+def _wrap(label: str) -> str:
+    """``label`` broken between settings into lines of at most LABEL_WIDTH characters (where it can be)."""
+    return textwrap.fill(label, LABEL_WIDTH, break_long_words=False, break_on_hyphens=False)
 
 
 def _histories(paths: list[Path]) -> list[pd.DataFrame]:
@@ -67,7 +79,7 @@ def _curves(ax, df: pd.DataFrame, labels: pd.Series, metric: str) -> None:
         colour = NORM_COLOURS.get(norm) if labels.str.split().str[0].nunique() == labels.nunique() else None
         table = pd.concat([h.set_index("epoch")[metric] for h in runs], axis=1)
         mean = table.mean(axis=1)
-        line = ax.plot(mean.index, mean.values, label=f"{label} (n={len(runs)})" if len(runs) > 1 else label,
+        line = ax.plot(mean.index, mean.values, label=_wrap(f"{label} (n={len(runs)})" if len(runs) > 1 else label),
                        color=colour, marker="o", markersize=3)  # fmt: skip
         if len(runs) > 1:
             std = table.std(axis=1).fillna(0)
@@ -117,9 +129,12 @@ def bar_stats(df: pd.DataFrame, metric: str = "final_test_acc", confidence: floa
 
 def plot_test_accuracy_bars(df: pd.DataFrame, out: Path) -> Path:
     stats = bar_stats(df)
-    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(stats) + 1.5))
+    labels = [_wrap(lab) for lab in stats.index]
+    lines = sum(lab.count("\n") + 1 for lab in labels)
+    fig, ax = plt.subplots(figsize=(7.5, 0.3 * len(stats) + 0.2 * lines + 1.5))
     colours = [NORM_COLOURS.get(lab.split()[0], "tab:gray") for lab in stats.index]
-    ax.barh(stats.index, stats["mean"], xerr=stats["ci"], color=colours, capsize=4)
+    ax.barh(range(len(stats)), stats["mean"], xerr=stats["ci"], color=colours, capsize=4)
+    ax.set_yticks(range(len(stats)), labels, fontsize=8)
     for y, (m, h, n) in enumerate(zip(stats["mean"], stats["ci"], stats["count"])):
         text = f"{m:.1f}% ± {h:.1f} (95% CI, n={n})" if n > 1 else f"{m:.1f}% (n=1, no interval)"
         ax.text(m + h + 0.3, y, text, va="center", fontsize=8)

@@ -38,7 +38,7 @@ from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .columns import SETTINGS, varying_columns
+from .columns import SETTINGS, setting_text, varying_columns
 from .config import is_result_neutral
 from .results import RESULTS_FILE, RunRecord, remove_stray_temp_files, write_text
 
@@ -395,13 +395,6 @@ def _compact(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=drop)
 
 
-def _setting_text(v: Any) -> str:
-    """A setting as it was given: 0.001 stays 0.001 (not 0.00), an unset one is blank."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
 def _is_setting(column: str) -> bool:
     return column not in METRICS and column not in NUMERIC and not column.endswith(("_mean", "_std", "_n", "_ci"))
 
@@ -410,14 +403,14 @@ def _settings_as_text(df: pd.DataFrame) -> pd.DataFrame:
     """Setting columns as text, so that the tables' two-decimal format applies to metrics only."""
     out = df.copy()
     for c in filter(_is_setting, df.columns):
-        out[c] = out[c].map(_setting_text)
+        out[c] = out[c].map(setting_text)
     return out
 
 
 def to_markdown(df: pd.DataFrame, title: str, fixed: dict | None = None) -> str:
     lines = [f"# {title}", ""]
     if fixed:
-        lines += ["Same in every run: " + ", ".join(f"{k}={_setting_text(v) or 'null'}" for k, v in fixed.items()), ""]
+        lines += ["Same in every run: " + ", ".join(f"{k}={setting_text(v) or 'null'}" for k, v in fixed.items()), ""]
     # Per column: metrics with two decimals, settings as given (tabulate would re-read "0.001" as a number).
     floatfmt = ["g" if _is_setting(c) else ".2f" for c in df.columns]
     lines.append(df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt=floatfmt))

@@ -166,3 +166,61 @@ def test_settings_keep_their_precision_and_metrics_get_two_decimals(tmp_path: Pa
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
     assert sorted(c[2] for c in cells) == ["0.0005", "0.001"]  # not 0.00 for both
     assert all("81.23" in c for c in cells)
+
+
+def _drawn_labels(monkeypatch) -> dict[str, list[str]]:
+    """Per figure written: its bars' tick labels and its legends' entries, read from the figure as saved."""
+    import normsweep.plots as plots
+
+    drawn: dict[str, list[str]] = {}
+    save = plots._save
+
+    def record(fig, path: Path, dpi: int) -> None:
+        texts = [t.get_text() for ax in fig.axes if ax.get_title().startswith("Final") for t in ax.get_yticklabels()]
+        texts += [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        drawn[path.name] = texts
+        save(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "_save", record)
+    return drawn
+
+
+def test_an_unreadable_record_leaves_the_labels_to_the_settings_the_readable_runs_differ_by(
+    tmp_path: Path, monkeypatch, recwarn
+) -> None:
+    s = tmp_path / "sweep"
+    write_run(s / "0", "batch", 0, test=80.0, val=81.0)
+    write_run(s / "1", "batch", 1, test=82.0, val=83.0)
+    write_run(s / "2", "layer", 0, test=75.0, val=76.0, lr=0.1)
+    write_run(s / "3", "group", 0, test=79.0, val=80.0)
+    (s / "3" / "results.json").write_text('{"status": "compl')  # damaged: no settings can be read from it
+    drawn = _drawn_labels(monkeypatch)
+    df = write_report([s])
+    assert df.set_index("job").loc["3", "status"] == "unreadable"
+    assert drawn["test_accuracy.png"][:2] == ["layer lr=0.1", "batch lr=0.2"]  # lowest mean first
+    assert set(drawn["accuracy.png"]) == {"batch lr=0.2 (n=2)", "layer lr=0.1"}
+    assert not [w for w in recwarn if "layout" in str(w.message)], [str(w.message) for w in recwarn]
+    for name in ("loss.png", "accuracy.png", "test_accuracy.png"):
+        assert (s / "plots" / name).stat().st_size > 10_000, name
+
+
+def test_long_labels_wrap_and_the_figures_still_fit(tmp_path: Path, monkeypatch, recwarn) -> None:
+    from normsweep.plots import LABEL_WIDTH
+
+    s = tmp_path / "sweep"
+    for i, (norm, lr, wd, batch, dropout) in enumerate(
+        [("batch", 0.2, 5e-4, 512, 0.0), ("layer", 0.1, 1e-3, 256, 0.1), ("group", 0.05, 1e-3, 128, 0.2)]
+    ):
+        write_run(s / str(i), norm, 0, test=70.0 + i, val=71.0 + i, lr=lr)
+        res = json.loads((s / str(i) / "results.json").read_text())
+        res["config"]["optimizer"]["weight_decay"], res["config"]["model"]["dropout"] = wd, dropout
+        res["config"]["trainer"]["batch_size"] = batch
+        (s / str(i) / "results.json").write_text(json.dumps(res))
+    drawn = _drawn_labels(monkeypatch)
+    write_report([s])
+    bars = drawn["test_accuracy.png"][:3]
+    assert bars[0].split() == "batch lr=0.2 weight_decay=0.0005 dropout=0 batch_size=512".split()
+    assert all("\n" in label for label in bars)
+    assert max(len(line) for label in bars + drawn["loss.png"] for line in label.splitlines()) <= LABEL_WIDTH
+    assert not [w for w in recwarn if "layout" in str(w.message)], [str(w.message) for w in recwarn]
+    assert (s / "plots" / "test_accuracy.png").stat().st_size > 10_000
