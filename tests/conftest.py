@@ -78,7 +78,7 @@ def small_data_args(tmp_path_factory, n_train: int = 30, n_test: int = 5) -> lis
             "trainer.device=cpu"]  # fmt: skip
 
 
-def compose_config(overrides: list[str] = ()):
+def compose_config(overrides: list[str] = (), return_hydra_config: bool = False):
     """The job config ``python -m normsweep OVERRIDES`` would run, composed in-process through Hydra."""
     from hydra import compose, initialize_config_dir
 
@@ -86,7 +86,7 @@ def compose_config(overrides: list[str] = ()):
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 PG_INSTALL_HINT = "install the PostgreSQL server: `sudo apt-get install postgresql` (Debian/Ubuntu)"
