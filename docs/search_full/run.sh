@@ -3,18 +3,22 @@
 # Round-robin: each round tops every study up by STEP trials, so all three advance together.
 #   nohup docs/search_full/run.sh > ../runs/search_full.log 2>&1 &
 # Environment: TRIALS (total per study, 24), STEP (2), THREADS (torch threads per trial, 1),
-# DATA (../shared/data/cifar10-jpg), RUNS (where the trial job directories go, ../runs/search_full).
+# DATA (../shared/data/cifar10-jpg), RUNS (where the trial job directories go, ../runs/search_full),
+# STORAGE (the study file, default the preset's journal:docs/search_full/optuna.journal; an absolute
+# journal:PATH lets a checkout of a fixed commit, e.g. a `git worktree`, run the search while the
+# code in the main checkout changes).
 set -u
 cd "$(dirname "$0")/../.."
 TRIALS=${TRIALS:-24} STEP=${STEP:-2} THREADS=${THREADS:-1}
 DATA=${DATA:-../shared/data/cifar10-jpg} RUNS=${RUNS:-../runs/search_full}
+STORAGE=${STORAGE:-journal:docs/search_full/optuna.journal}
 PY=${PY:-python}
 for n in $(seq "$STEP" "$STEP" "$TRIALS"); do
   for norm in group layer batch; do
     extra=()
     [ "$norm" = group ] && extra=('norm.groups=tag(search, choice(2, 4))')
     echo "=== $(date -Is) round to $n trials: $norm"
-    "$PY" -m normsweep -m experiment=search_full "norm=$norm" "${extra[@]}" "search.n_trials=$n" \
+    "$PY" -m normsweep -m experiment=search_full "norm=$norm" "${extra[@]}" "search.n_trials=$n" "search.storage=$STORAGE" \
       "trainer.threads=$THREADS" "data.root=$DATA" "hydra.sweep.dir=$RUNS/$norm" \
       || echo "=== $(date -Is) $norm round $n exited with $?"
   done
