@@ -1,4 +1,8 @@
-"""``python -m normsweep [-m] [group=option ...] [key=value ...]``: the training entrypoint."""
+"""``normsweep`` / ``python -m normsweep [-m] [group=option ...] [key=value ...]``: the training entrypoint.
+
+The configs are the package ``normsweep.conf`` (``conf/`` in the repo, see pyproject.toml); ``--config-dir DIR``
+adds a directory of your own configs beside them.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from .job import run
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://normsweep.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
