@@ -1,6 +1,7 @@
 """Training throughput: the study's own pipeline against normsweep's, on this machine.
 
     python benchmarks/throughput.py [--data-root PATH] [--repeats 3] [--steps 12] [--time-to-target]
+                                    [--norms batch ...] [--pipelines study normsweep ...]
 
 Pipelines, each with batch 512 and SGD, for each of batch/group/layer norm:
 
@@ -52,6 +53,7 @@ BATCH = 512
 NORMS = ("batch", "group", "layer")  # the study's three; any of normsweep.norms.NORMS via --norms
 PIPELINES = ("study", "normsweep", "default", "normsweep_fp32")
 GROUPS = {"study": 2, "normsweep": 2, "default": 4, "normsweep_fp32": 2}
+DEFAULT_DATA_ROOT = os.environ.get("NORMSWEEP_DATA", str(REPO.parent / "shared/data/cifar10-jpg"))
 
 
 # ------------------------------------------------------------------ one measurement (a subprocess)
@@ -254,7 +256,7 @@ def _subprocess(args: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=os.environ.get("NORMSWEEP_DATA", str(REPO.parent / "shared/data/cifar10-jpg")))
+    p.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=12, help="timed training steps per measurement")
@@ -262,6 +264,8 @@ def main() -> None:
     from normsweep.norms import NORMS as ALL_NORMS
 
     p.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(ALL_NORMS))
+    p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES,
+                   help="which of them to measure (default: all; vs_study needs study)")  # fmt: skip
     p.add_argument("--time-to-target", action="store_true", help="also train the default recipe to 70%% per norm")
     p.add_argument("--target", type=float, default=70.0)
     p.add_argument("--from-sweep", metavar="DIR", help="also read epochs/seconds to the target from a sweep's results.json files")
@@ -283,7 +287,7 @@ def main() -> None:
     rows = []
     for r in range(args.repeats):
         for norm in args.norms:
-            for pipeline in PIPELINES:  # alternating: a, b, c, a, b, c, ...
+            for pipeline in args.pipelines:  # alternating: a, b, c, a, b, c, ...
                 m = _subprocess(["--one", pipeline, norm, *common])
                 m["repeat"] = r
                 rows.append(m)
@@ -296,7 +300,7 @@ def main() -> None:
     ).reset_index()  # fmt: skip
     med["s_per_epoch"] = 45000 / med["images_per_s"]
     base = med[med["pipeline"] == "study"].set_index("norm")["images_per_s"]
-    med["vs_study"] = med.apply(lambda row: row["images_per_s"] / base[row["norm"]], axis=1)
+    med["vs_study"] = med.apply(lambda row: row["images_per_s"] / base.get(row["norm"], float("nan")), axis=1)
 
     lines = [
         f"# Training throughput — {socket.gethostname()}, {platform.processor() or platform.machine()}, "
