@@ -16,6 +16,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from .credentials import URL_KEYS
 from .errors import ConfigError, NormsweepError  # noqa: F401 - the config's errors, imported from here too
 from .norms import NORMS
 
@@ -293,8 +294,8 @@ def is_result_neutral(key: str) -> bool:
 def register_configs() -> None:
     """Register the schema; ``conf/train.yaml`` lists ``normsweep_schema`` first in its defaults."""
     ConfigStore.instance().store(name="normsweep_schema", node=Config)
-    if not OmegaConf.has_resolver("normsweep_result_neutral_keys"):
-        OmegaConf.register_new_resolver("normsweep_result_neutral_keys", lambda: list(RESULT_NEUTRAL_KEYS))
+    if not OmegaConf.has_resolver("normsweep_dirname_exclude_keys"):  # hydra.job.config.override_dirname
+        OmegaConf.register_new_resolver("normsweep_dirname_exclude_keys", lambda: [*RESULT_NEUTRAL_KEYS, *URL_KEYS])
     # conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml are presets that take the
     # launcher plugins' own names, so Hydra checks them against the plugins' schemas (a mistyped key
     # fails at start). Hydra 1.3 warns that this matching is deprecated; it is what we want here.

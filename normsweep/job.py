@@ -25,7 +25,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
-from . import results, trackers, trial_hook
+from . import credentials, results, trackers, trial_hook
 from .config import Config, ConfigError, NormsweepError, to_config
 from .data import load_raw, make_splits
 from .models import check_budget, count_params, model_from_config
@@ -45,7 +45,8 @@ def model_summary(model: torch.nn.Module) -> str:
 
 
 def _overrides() -> list[str]:
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    """The command line's overrides as typed: an interpolation in one (``${oc.env:VAR}``) stays unresolved."""
+    return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False) if HydraConfig.initialized() else []
 
 
 def _choices() -> dict:
@@ -130,8 +131,10 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
     """Train one model as ``dcfg`` says, write its outputs to ``out_dir``; return final val accuracy.
 
     Holds ``out_dir`` for the whole run (:func:`hold_run_dir`): a second process on the same
-    directory stops at once, naming this one.
+    directory stops at once, naming this one. A password written into the config stops it before
+    anything is written (:mod:`normsweep.credentials`).
     """
+    credentials.refuse_inline_passwords(dcfg)
     with hold_run_dir(Path(out_dir)):
         return _run_held(dcfg, out_dir)
 
@@ -143,7 +146,7 @@ def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
     accuracy is returned); one that holds a checkpoint resumes from it.
     """
     out = Path(out_dir)
-    config = OmegaConf.to_container(dcfg, resolve=True, enum_to_str=True)
+    config = credentials.recorded_config(dcfg)  # resolved, but a password's interpolation as written
     previous = previous_result(out, config)
     if previous is not None:
         log.info("%s already holds this run, completed: skipping it (delete it to run again)", out.resolve())
@@ -190,8 +193,8 @@ def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
             log.error("run interrupted after epoch %d of %d; %s", done, record.epochs, resume_hint(out))
         else:
             record.status = "failed"
-            record.error = f"{type(e).__name__}: {e}"
-            record.traceback = traceback.format_exc()
+            record.error = credentials.redact(f"{type(e).__name__}: {e}")  # a client's error may quote its URL
+            record.traceback = credentials.redact(traceback.format_exc())
             log.error("run failed: %s", e if isinstance(e, NormsweepError) else record.error)
         record.write(out)
         tracker.close(record.to_dict(), trackers.run_files(out))

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import LoggerConfig, LoggerKind, NormsweepError
+from .credentials import redact, redact_logs
 from .results import RESULTS_FILE, SUMMARY_FILE, TRAINING_STATE_FILE, EpochRecord, write_json
 from .train import EpochStats
 
@@ -272,16 +273,20 @@ class MLflowTracker(Tracker):
             raise _missing("mlflow", e) from e
         launch = _launch_dir()
         uri = mlflow_uri(self.cfg, launch)
+        shown = redact(uri)  # what is written and logged: a password in the URI masked
+        redact_logs()  # MLflow's own log handler, set up when it was imported just now
+        if shown != uri:  # MLflow prints "View run at <URI>" to stdout itself; normsweep logs it masked
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         experiment, run_name = job_names(self.out)
         experiment = self.cfg.experiment or experiment
         self.client = client = MlflowClient(tracking_uri=uri)
         with _store_lock(uri):  # one process at a time creates a SQLite store's tables and the experiment
             experiment_id = self._experiment(experiment, _artifact_location(uri, launch))
-            run = self._resumable_run(uri)
+            run = self._resumable_run(shown)
             if run is None:
                 run = client.create_run(experiment_id, run_name=run_name,
                                         tags={"job_dir": str(self.out.resolve()), "norm": record.get("norm", "")})  # fmt: skip
-                write_json(self.out / MLFLOW_RUN_FILE, {"tracking_uri": uri, "run_id": run.info.run_id,
+                write_json(self.out / MLFLOW_RUN_FILE, {"tracking_uri": shown, "run_id": run.info.run_id,
                                                         "experiment": experiment})  # fmt: skip
             else:
                 client.update_run(run.info.run_id, status="RUNNING")
@@ -293,7 +298,7 @@ class MLflowTracker(Tracker):
         params = [p for p in params if p.key not in existing]
         tags = [RunTag("overrides", " ".join(record.get("overrides") or [])[:5000])]
         client.log_batch(self.run_id, params=params, tags=tags)
-        log.info("logger=mlflow: run %s (%s) in experiment %r at %s", run_name, self.run_id, experiment, uri)
+        log.info("logger=mlflow: run %s (%s) in experiment %r at %s", run_name, self.run_id, experiment, shown)
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -312,7 +317,7 @@ class MLflowTracker(Tracker):
         return exp.experiment_id
 
     def _resumable_run(self, uri: str):
-        """The run this job directory started before, in the same store, if it still exists."""
+        """The run this job directory started before, in the same store (``uri`` redacted), if it still exists."""
         path = self.out / MLFLOW_RUN_FILE
         if not path.exists() or not self.resuming(self.out):
             return None

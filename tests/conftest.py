@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pickle
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -106,9 +108,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def postgres_url():
-    """A throwaway PostgreSQL server: initdb into a temporary dir, 127.0.0.1 on a free port; stopped after."""
+@contextlib.contextmanager
+def postgres_server(password: str | None = None) -> Iterator[str]:
+    """A throwaway PostgreSQL server: initdb into a temporary dir, 127.0.0.1 on a free port; stopped after.
+
+    Yields its URL for the user ``normsweep`` (database ``postgres``), without a password: with
+    ``password`` the server asks for it (scram-sha-256), else it trusts every connection.
+    """
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip(f"PostgreSQL server binaries (initdb, pg_ctl) not found; {PG_INSTALL_HINT}")
@@ -123,7 +129,12 @@ def postgres_url():
         os.chown(workdir, user.pw_uid, user.pw_gid)
         run_as = ["runuser", "-u", "postgres", "--"]
     data, port = workdir / "data", _free_port()
-    subprocess.run([*run_as, initdb, "-D", str(data), "-U", "normsweep", "--auth=trust", "--no-sync"],
+    auth = ["--auth=trust"]
+    if password is not None:
+        (workdir / "pwfile").write_text(password + "\n")
+        os.chmod(workdir / "pwfile", 0o644)  # readable by the postgres user; the directory is temporary
+        auth = ["--auth=scram-sha-256", f"--pwfile={workdir / 'pwfile'}"]
+    subprocess.run([*run_as, initdb, "-D", str(data), "-U", "normsweep", *auth, "--no-sync"],
                    check=True, capture_output=True)  # fmt: skip
     opts = f"-h 127.0.0.1 -p {port} -k {workdir} -c fsync=off"
     started = subprocess.run([*run_as, pg_ctl, "-D", str(data), "-o", opts, "-l", str(workdir / "log"), "-w", "start"],
@@ -134,3 +145,10 @@ def postgres_url():
     finally:
         subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server that trusts every connection (:func:`postgres_server`)."""
+    with postgres_server() as url:
+        yield url
