@@ -7,6 +7,7 @@ adds a directory of your own configs beside them.
 from __future__ import annotations
 
 import sys
+import traceback
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .config import NormsweepError, register_configs
+from .credentials import has_password
 from .job import run
 
 register_configs()
@@ -36,6 +38,8 @@ def main(cfg: DictConfig) -> float:
             return float("nan")
         if isinstance(e, NormsweepError):
             sys.exit(2)  # a problem the user can fix: run() logged its message; no traceback
+        if has_password("".join(traceback.format_exception(e))):  # a client's error quoting its URL
+            sys.exit(1)  # Hydra would print it as is; run() logged it masked, results.json has the traceback
         raise
 
 

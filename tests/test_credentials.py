@@ -355,3 +355,17 @@ def test_a_run_with_an_interpolated_tracking_password_connects_and_leaks_it_nowh
     (run,) = client.search_runs([client.get_experiment_by_name("interpolated").experiment_id])
     assert run.info.status == "FINISHED" and MLFLOW_PASSWORD not in json.dumps([run.data.params, run.data.tags])
     assert run.data.params["logger.tracking_uri"] == uri
+
+
+@pytest.mark.slow
+def test_a_client_error_that_quotes_the_url_is_masked_everywhere(tmp_path: Path, data_args) -> None:
+    # Nothing listens on the port: MLflow's error quotes the URL it tried, password and all.
+    uri = f"http://{MLFLOW_USER}:${{oc.env:NS_TEST_MLFLOW_PASSWORD}}@127.0.0.1:{_free_port()}"
+    env = {"NS_TEST_MLFLOW_PASSWORD": MLFLOW_PASSWORD, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # fmt: skip
+    rc, output = finish(cli(tmp_path, "logger=mlflow", f"logger.tracking_uri={uri}", *data_args, "hydra.run.dir=run",
+                            env=env))  # fmt: skip
+    assert rc == 1 and f"{MLFLOW_USER}:***@127.0.0.1" in output, output[-3000:]
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "failed" and f"{MLFLOW_USER}:***@127.0.0.1" in record["error"] + record["traceback"]
+    assert_nowhere(output, tmp_path)
