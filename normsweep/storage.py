@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -41,13 +42,12 @@ def resolve_storage(url: Optional[str], base: Path) -> str:
 
 def open_storage(spec: str):
     """The Optuna storage for a spec from :func:`resolve_storage`."""
-    if spec.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+    if spec.startswith("journal:"):  # appends cut a torn tail off first; damage stops with the repair command
+        from .journal import open_journal
 
         path = Path(spec[len("journal:") :])
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return open_journal(path)
     if spec.startswith("sqlite:///"):
         Path(spec[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages import RDBStorage
@@ -104,3 +104,28 @@ def trial_slot_lock(spec: str, study_name: str) -> Iterator[None]:
                 conn.execute(sa.text(unlock), params)
     finally:
         engine.dispose()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m normsweep.storage repair FILE``: rewrite a damaged journal file with every readable record."""
+    import argparse
+
+    from .errors import NormsweepError
+    from .journal import repair
+
+    parser = argparse.ArgumentParser(prog="python -m normsweep.storage", description="Maintain a study storage file.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "repair", help="keep a backup of a journal file, write back every record that can be read, list what is dropped"
+    ).add_argument("file", type=Path, help="the journal file (search.storage=journal:FILE)")
+    args = parser.parse_args(argv)
+    try:
+        repair(args.file)
+    except NormsweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
