@@ -124,13 +124,19 @@ def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, d
     device = resolve_device(device_name)
     if pipeline != "study" and device.type == "cpu":
         keep_freed_memory()  # as a normsweep job does
+    from omegaconf import OmegaConf
+
+    from normsweep.norms import NORMS
+
     raw = load_raw(data_root)
+    norm_conf = OmegaConf.load(REPO / "conf" / "norm" / f"{norm}.yaml")
+    options = {key: norm_conf[key] for key in NORMS[norm].options}  # a norm's own keys (FRN's eps, ...)
     torch.manual_seed(0)
     if pipeline == "default":
-        model = build_model("resnet", norm, GROUPS[pipeline], 0.0, [16, 24, 36, 56], [1, 1, 0])
+        model = build_model("resnet", norm, GROUPS[pipeline], 0.0, [16, 24, 36, 56], [1, 1, 0], norm_options=options)
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
     else:
-        model = build_model("study", norm, GROUPS[pipeline], 0.02)
+        model = build_model("study", norm, GROUPS[pipeline], 0.02, norm_options=options)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if pipeline == "study":  # the study's network as it wrote it: torch's own dropout
         for m in model.modules():

@@ -35,6 +35,10 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
 
 
+class LrScaling(str, Enum):
+    linear = "linear"  # train.peak_lr: optimizer.lr x trainer.batch_size / optimizer.base_batch_size
+
+
 class SchedulerName(str, Enum):
     none = "none"
     onecycle = "onecycle"
@@ -56,12 +60,38 @@ def _fail(key: str, value, expected: str) -> None:
 @dataclass
 class NormConfig:
     kind: NormKind = NormKind.batch
-    groups: int = 4  # GroupNorm only; must divide every layer's channels
+    groups: int = 4  # GroupNorm and EvoNorm-S0; must divide every layer's channels
     ws: bool = False  # Weight Standardization of the convs that feed a norm (models.WSConv2d)
+    # A norm's own keys (norms.NORMS[kind].options): conf/norm/<kind>.yaml sets them, null for every other norm.
+    eps: Optional[float] = None  # frn: the starting value of FRN's learned epsilon (used as |eps|)
+    r_max: Optional[float] = None  # batch_renorm: r is clipped to [1/r_max, r_max] once warmed up
+    d_max: Optional[float] = None  # batch_renorm: d is clipped to [-d_max, d_max] once warmed up
+    warmup_steps: Optional[int] = None  # batch_renorm: training steps as plain BatchNorm (r = 1, d = 0)
+    r_max_steps: Optional[int] = None  # batch_renorm: the step at which r's bound has grown linearly to r_max
+    d_max_steps: Optional[int] = None  # batch_renorm: the step at which d's bound has grown linearly to d_max
 
     def __post_init__(self) -> None:
         if self.groups < 1:
             _fail("norm.groups", self.groups, "an integer >= 1")
+        kind = getattr(self.kind, "value", self.kind)
+        for key in sorted({k for norm in NORMS.values() for k in norm.options}):
+            value, users = getattr(self, key), [k for k, norm in NORMS.items() if key in norm.options]
+            if value is None and kind in users:
+                _fail(f"norm.{key}", value, f"a value: norm={kind} needs it (conf/norm/{kind}.yaml sets it)")
+            if value is not None and kind not in users:
+                _fail(f"norm.{key}", value, f"null (a setting of norm={' or '.join(users)} only, not of norm={kind})")
+        if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
+            _fail("norm.eps", self.eps, "an epsilon > 0 (FRN's learned epsilon starts there; the paper's is 1e-6)")
+        if self.r_max is not None and not 1.0 <= self.r_max < math.inf:
+            _fail("norm.r_max", self.r_max, "a bound >= 1 (r is clipped to [1/r_max, r_max]; 1 is plain BatchNorm)")
+        if self.d_max is not None and not 0.0 <= self.d_max < math.inf:
+            _fail("norm.d_max", self.d_max, "a bound >= 0 (d is clipped to [-d_max, d_max]; 0 is plain BatchNorm)")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            _fail("norm.warmup_steps", self.warmup_steps, "steps >= 0")
+        for key in ("r_max_steps", "d_max_steps"):
+            steps = getattr(self, key)
+            if steps is not None and self.warmup_steps is not None and steps < self.warmup_steps:
+                _fail(f"norm.{key}", steps, f"a step >= norm.warmup_steps={self.warmup_steps}")
 
 
 @dataclass
@@ -113,10 +143,14 @@ class OptimizerConfig:
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     weight_decay: float = 0.0
+    lr_scaling: Optional[LrScaling] = None  # linear: lr follows trainer.batch_size (train.peak_lr); null: lr as given
+    base_batch_size: Optional[int] = None  # the batch lr is set for; null: the shared recipe's (TrainerConfig's)
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             _fail("optimizer.lr", self.lr, "a learning rate > 0")
+        if self.base_batch_size is not None and self.base_batch_size < 1:
+            _fail("optimizer.base_batch_size", self.base_batch_size, "a batch size >= 1, or null (the shared recipe's)")
         if not 0.0 <= self.momentum < 1.0:
             _fail("optimizer.momentum", self.momentum, "a momentum in [0, 1)")
         if self.weight_decay < 0:

@@ -1,27 +1,32 @@
-"""The CNN family. Models take a ``norm_layer(channels, where)`` callable (``norms.norm_layer``).
+"""The CNN family. Models take a norm-act callable ``norm(channels, where, act_first=False)``
+(``norms.norm_act``) and place what it returns after each conv that feeds a norm: the norm and its
+ReLU, or one layer that is both (FRN + TLU, EvoNorm; no ReLU around them). ``norms.norm_act`` is
+the one place that decides whether a ReLU goes with a norm; the models below never name a norm.
 
 Two members:
 
 * ``study``  - the published study's network, C1 C2 c3 P1 C4 C5 C6 c7 P2 C8 C9 C10 GAP c11,
-  37,098 parameters with any affine norm (conv -> ReLU -> norm -> dropout).
+  37,098 parameters with any norm of two parameters per channel (conv -> ReLU -> norm -> dropout;
+  the norm-act layers replace ReLU -> norm).
 * ``resnet`` - normsweep's default: a small residual network that spends its parameters at
-  low resolution (conv -> pool -> norm -> ReLU stages, one residual block per stage), so it
-  is both more accurate and cheaper per image than ``study`` while staying under 50,000
-  parameters for every norm.
+  low resolution (conv -> pool -> norm -> ReLU stages, one residual block per stage; the norm-act
+  layers replace norm -> ReLU), so it is both more accurate and cheaper per image than ``study``
+  while staying under 50,000 parameters for every norm.
 
 With ``ws`` (``norm.ws``) every 3x3 conv that feeds a norm is weight-standardized (:class:`WSConv2d`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import Config
 from .errors import ConfigError, NormsweepError
-from .norms import NormLayer, norm_layer
+from .norms import NORMS, NormAct, norm_act
 
 
 class Dropout(nn.Dropout):
@@ -78,13 +83,13 @@ def count_params(model: nn.Module) -> int:
 
 
 class ConvNormAct(nn.Sequential):
-    """3x3 conv (no bias) -> [maxpool] -> norm -> ReLU."""
+    """3x3 conv (no bias) -> [maxpool] -> norm -> ReLU (or the one norm-act layer)."""
 
-    def __init__(self, c_in: int, c_out: int, norm: NormLayer, where: str, pool: bool = False, ws: bool = False):
+    def __init__(self, c_in: int, c_out: int, norm: NormAct, where: str, pool: bool = False, ws: bool = False):
         layers: list[nn.Module] = [conv3x3(c_in, c_out, ws)]
         if pool:
             layers.append(nn.MaxPool2d(2))
-        layers += [norm(c_out, where), nn.ReLU(inplace=True)]
+        layers += norm(c_out, where)
         super().__init__(*layers)
 
 
@@ -92,7 +97,7 @@ class ResidualStage(nn.Module):
     """conv -> pool -> norm -> ReLU, then an optional residual block of ``depth`` convs."""
 
     def __init__(
-        self, c_in: int, c_out: int, depth: int, norm: NormLayer, dropout: float, name: str, ws: bool = False
+        self, c_in: int, c_out: int, depth: int, norm: NormAct, dropout: float, name: str, ws: bool = False
     ):
         super().__init__()
         self.down = ConvNormAct(c_in, c_out, norm, f"{name}.down", pool=True, ws=ws)
@@ -111,7 +116,7 @@ class ResNet(nn.Module):
 
     def __init__(
         self,
-        norm: NormLayer,
+        norm: NormAct,
         dropout: float,
         widths: Sequence[int],
         depths: Sequence[int],
@@ -142,20 +147,16 @@ class ResNet(nn.Module):
 class StudyNet(nn.Module):
     """The study's network: C1 C2 c3 P1 C4 C5 C6 c7 P2 C8 C9 C10 GAP c11 (37,098 parameters).
 
-    3x3 blocks are conv -> ReLU -> norm -> dropout; c3, c7 are 1x1 transitions; c11 is the 1x1
+    3x3 blocks are conv -> ReLU -> norm -> dropout (conv -> norm-act layer -> dropout for FRN + TLU
+    and EvoNorm); c3, c7 are 1x1 transitions; c11 is the 1x1
     classifier after global average pooling. No biases.
     """
 
-    def __init__(self, norm: NormLayer, dropout: float, num_classes: int = 10, ws: bool = False):
+    def __init__(self, norm: NormAct, dropout: float, num_classes: int = 10, ws: bool = False):
         super().__init__()
 
         def block(c_in: int, c_out: int, where: str) -> nn.Sequential:
-            return nn.Sequential(
-                conv3x3(c_in, c_out, ws),
-                nn.ReLU(inplace=True),
-                norm(c_out, where),
-                Dropout(dropout),
-            )
+            return nn.Sequential(conv3x3(c_in, c_out, ws), *norm(c_out, where, act_first=True), Dropout(dropout))
 
         def transition(c_in: int, c_out: int) -> nn.Conv2d:
             return nn.Conv2d(c_in, c_out, 1, bias=False)
@@ -183,12 +184,14 @@ def build_model(
     depths: Sequence[int] = (),
     num_classes: int = 10,
     ws: bool = False,
+    norm_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """The network named by ``model.arch`` with ``norm.kind`` layers (``norm.groups`` for GroupNorm).
+    """The network named by ``model.arch`` with ``norm.kind`` layers (``norm.groups`` for GroupNorm
+    and EvoNorm-S0; ``norm_options``: the norm's own ``norm.*`` keys, ``norms.NORMS[norm].options``).
 
     ``ws`` (``norm.ws``): Weight Standardization for every 3x3 conv that feeds a norm layer.
     """
-    layer = norm_layer(norm, groups)
+    layer = norm_act(norm, groups, **(norm_options or {}))
     if arch == "study":
         return StudyNet(layer, dropout, num_classes, ws=ws)
     if arch == "resnet":
@@ -218,13 +221,15 @@ def check_budget(cfg: Config, params: int) -> None:
 
 def model_from_config(cfg: Config, num_classes: int = 10) -> nn.Module:
     """The model ``cfg`` describes: ``model.*`` picks the network, ``norm.*`` its norm layers."""
+    kind = cfg.norm.kind.value
     return build_model(
         cfg.model.arch.value,
-        cfg.norm.kind.value,
+        kind,
         cfg.norm.groups,
         cfg.model.dropout,
         cfg.model.widths,
         cfg.model.depths,
         num_classes,
         ws=cfg.norm.ws,
+        norm_options={key: getattr(cfg.norm, key) for key in NORMS[kind].options},
     )

@@ -1,55 +1,108 @@
-"""The normalization layers: one registry from ``norm.kind`` to a layer constructor.
+"""The normalization layers: one registry from ``norm.kind`` to a layer and what it needs.
 
-Adding a norm is one entry in :data:`NORMS` and one file ``conf/norm/<kind>.yaml``; the config
-schema's ``NormKind``, the models, the plots and the benchmark all read this registry.
+Adding a norm is one entry in :data:`NORMS` and one file ``conf/norm/<kind>.yaml`` (which sets
+the entry's ``options``); the config schema's ``NormKind`` and its checks, the models, the plots
+and the benchmark all read this registry.
 
-A model never sees ``norm.kind``: it gets a :data:`NormLayer`, a callable ``(channels, where)``
-built once from the config by :func:`norm_layer` (the pattern of timm's ``create_norm``), and
-calls it wherever it places a norm. ``where`` names the layer in error messages.
+A model never sees ``norm.kind``: it asks for a *norm-act* layer (the pattern of timm's
+``create_norm_act``), a :data:`NormAct` callable ``(channels, where, act_first=False)`` built once
+from the config by :func:`norm_act`, which returns the modules to place after a conv. A plain norm
+comes with the ReLU that follows it (that precedes it with ``act_first``, the study network's
+order); a layer that is a norm and an activation in one (``Norm.activates``: FRN + TLU, EvoNorm)
+comes alone, with no ReLU around it. The models never special-case a norm. ``where`` names the
+layer in error messages.
 
 Layer Normalization for conv feature maps is ``GroupNorm(1, C)``: it normalizes each sample over
 (C, H, W) and learns one scale and shift per channel. ``nn.LayerNorm([C, H, W])`` would learn a
 scale and shift per *pixel* (2*C*H*W parameters: 20,480 for a 10x32x32 map) and blow the budget.
+
+Batch Renormalization, FRN + TLU and EvoNorm-S0/B0 are :mod:`normsweep.norm_layers` (its
+docstring says why not timm's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 from torch import nn
 
 from .errors import ConfigError
+from .norm_layers import BatchRenorm2d, EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTLU2d
 
 NormLayer = Callable[[int, str], nn.Module]  # (channels, where) -> the norm layer for that feature map
+NormAct = Callable[..., list[nn.Module]]  # (channels, where, act_first=False) -> the modules after a conv
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _group_norm(channels: int, groups: int, where: str) -> nn.Module:
+def _groups(channels: int, groups: int, where: str, layer: str) -> int:
     if groups < 1 or channels % groups:
         raise ConfigError(
             f"norm.groups={groups} does not divide the {channels} channels of layer {where!r}; "
-            f"GroupNorm needs a group count that divides every layer's channels "
+            f"{layer} needs a group count that divides every layer's channels "
             f"(choose one of {_divisors(channels)} for this layer, or change model widths)"
         )
-    return nn.GroupNorm(groups, channels)
+    return groups
 
 
-# norm.kind -> (channels, norm.groups, where) -> layer. The order is the plots' colour order.
-NORMS: dict[str, Callable[[int, int, str], nn.Module]] = {
-    "batch": lambda c, g, where: nn.BatchNorm2d(c),
-    "group": _group_norm,
-    "layer": lambda c, g, where: nn.GroupNorm(1, c),  # LayerNorm over (C, H, W), per-channel affine
-    "instance": lambda c, g, where: nn.GroupNorm(c, c),  # InstanceNorm with per-channel affine
-    "none": lambda c, g, where: nn.Identity(),
+@dataclass(frozen=True)
+class Norm:
+    make: Callable[[int, SimpleNamespace, str], nn.Module]  # (channels, norm.* settings, where) -> layer
+    options: tuple[str, ...] = ()  # norm.* keys only this norm reads; conf/norm/<kind>.yaml sets them
+    activates: bool = False  # a norm and an activation in one layer: the model adds no ReLU
+    batch_statistics: bool = False  # normalizes with batch statistics in training, running ones in eval
+
+
+BATCH_RENORM_OPTIONS = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_steps")
+
+# norm.kind -> its layer. The order is the plots' colour order.
+NORMS: dict[str, Norm] = {
+    "batch": Norm(lambda c, s, where: nn.BatchNorm2d(c), batch_statistics=True),
+    "group": Norm(lambda c, s, where: nn.GroupNorm(_groups(c, s.groups, where, "GroupNorm"), c)),
+    "layer": Norm(lambda c, s, where: nn.GroupNorm(1, c)),  # LayerNorm over (C, H, W), per-channel affine
+    "instance": Norm(lambda c, s, where: nn.GroupNorm(c, c)),  # InstanceNorm with per-channel affine
+    "none": Norm(lambda c, s, where: nn.Identity()),
+    "batch_renorm": Norm(lambda c, s, where: BatchRenorm2d(c, **{k: getattr(s, k) for k in BATCH_RENORM_OPTIONS}),
+                         options=BATCH_RENORM_OPTIONS, batch_statistics=True),  # fmt: skip
+    "frn": Norm(lambda c, s, where: FilterResponseNormTLU2d(c, s.eps), options=("eps",), activates=True),
+    "evonorm_s0": Norm(lambda c, s, where: EvoNorm2dS0(c, _groups(c, s.groups, where, "EvoNorm-S0")), activates=True),
+    "evonorm_b0": Norm(lambda c, s, where: EvoNorm2dB0(c), activates=True, batch_statistics=True),
 }
 
 
-def norm_layer(kind: str, groups: int = 1) -> NormLayer:
-    """The constructor of ``kind`` norm layers for a model (``norm.groups`` is used by GroupNorm)."""
+def _entry(kind: str) -> Norm:
     if kind not in NORMS:
         raise ConfigError(f"norm.kind={kind!r} is unknown; expected one of {tuple(NORMS)}")
-    make = NORMS[kind]
-    return lambda channels, where="": make(channels, groups, where)
+    return NORMS[kind]
+
+
+def norm_layer(kind: str, groups: int = 1, **options) -> NormLayer:
+    """The constructor of bare ``kind`` norm layers (``norm.groups`` for GroupNorm and EvoNorm-S0;
+    ``options``: the entry's own ``norm.*`` keys, e.g. ``eps`` for FRN)."""
+    entry = _entry(kind)
+    missing = [k for k in entry.options if options.get(k) is None]
+    if missing:
+        raise ConfigError(f"norm={kind} needs norm.{missing[0]} (conf/norm/{kind}.yaml sets it)")
+    extra = sorted(set(options) - set(entry.options))
+    if extra:
+        raise ConfigError(f"norm.{extra[0]} is not a setting of norm={kind}")
+    settings = SimpleNamespace(groups=groups, **options)
+    return lambda channels, where="": entry.make(channels, settings, where)
+
+
+def norm_act(kind: str, groups: int = 1, **options) -> NormAct:
+    """What a model places after a conv for ``kind``: the norm and its ReLU, or the one layer that is both."""
+    layer, activates = norm_layer(kind, groups, **options), NORMS[kind].activates
+
+    def make(channels: int, where: str = "", act_first: bool = False) -> list[nn.Module]:
+        norm = layer(channels, where)
+        if activates:  # FRN + TLU, EvoNorm: the activation is part of the layer
+            return [norm]
+        relu = nn.ReLU(inplace=True)
+        return [relu, norm] if act_first else [norm, relu]
+
+    return make

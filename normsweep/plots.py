@@ -4,6 +4,9 @@
 * ``accuracy.png``           validation and test accuracy per epoch, same style;
 * ``test_accuracy.png``      final test accuracy per configuration: mean over seeds with its 95%
   confidence interval (t distribution, n-1 degrees of freedom), n in each bar's label;
+* ``sensitivity_<key>.png``  for each numeric setting the sweep varies (``trainer.batch_size``,
+  ``optimizer.lr``, ``data.train_size``, ...): final test accuracy against it, one line per norm,
+  mean over seeds with the same 95% intervals, log-scaled x when the values span a ratio of 10 or more;
 * ``<job>/mispredicted.png`` test images the run's *trained* model gets wrong (from its saved
   predictions), with true and predicted class;
 * ``<job>/confusion.png``    the test-set confusion matrix.
@@ -111,20 +114,27 @@ def plot_curves(df: pd.DataFrame, out: Path) -> list[Path]:
     return [out / "loss.png", out / "accuracy.png"]
 
 
-def bar_stats(df: pd.DataFrame, metric: str = "final_test_acc", confidence: float = 0.95) -> pd.DataFrame:
-    """Per configuration (runs that differ only by seed): mean, std, n and the half-width of the
-    ``confidence`` interval of the mean, t(n-1) · std / sqrt(n) (0 for a single run), lowest mean first."""
+def mean_ci(grouped, confidence: float = 0.95) -> pd.DataFrame:
+    """Per group of runs (``grouped``: a pandas SeriesGroupBy of one metric): mean, std, n and the
+    half-width of the ``confidence`` interval of the mean, t(n-1) · std / sqrt(n) (0 for a single run)."""
     from scipy.stats import t
 
-    labelled = df.assign(label=run_label(df))  # the same labels as the curves
-    done = labelled[(labelled["status"] == "completed") & labelled[metric].notna()]
-    stats = done.groupby("label", sort=False)[metric].agg(["mean", "std", "count"])
-    stats = stats.sort_values("mean", kind="stable")
+    stats = grouped.agg(["mean", "std", "count"])
     n = stats["count"].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         half = t.ppf((1 + confidence) / 2, n - 1) * stats["std"].to_numpy() / np.sqrt(n)
     stats["ci"] = np.where(n > 1, half, 0.0)
     return stats
+
+
+def _completed(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    return df[(df["status"] == "completed") & df[metric].notna()]
+
+
+def bar_stats(df: pd.DataFrame, metric: str = "final_test_acc", confidence: float = 0.95) -> pd.DataFrame:
+    """Per configuration (runs that differ only by seed): :func:`mean_ci`, lowest mean first."""
+    done = _completed(df.assign(label=run_label(df)), metric)  # the same labels as the curves
+    return mean_ci(done.groupby("label", sort=False)[metric], confidence).sort_values("mean", kind="stable")
 
 
 def plot_test_accuracy_bars(df: pd.DataFrame, out: Path) -> Path:
@@ -147,6 +157,72 @@ def plot_test_accuracy_bars(df: pd.DataFrame, out: Path) -> Path:
     _save(fig, out / "test_accuracy.png", 120)
     plt.close(fig)
     return out / "test_accuracy.png"
+
+
+def swept_numeric_settings(df: pd.DataFrame, metric: str = "final_test_acc") -> dict[str, str]:
+    """{column: config key} of each numeric setting that takes two or more values among the completed
+    runs of one norm: the columns of ``columns.SETTINGS`` by their config path, and any other swept key
+    (its column is the key). Not the seed (the runs it tells apart are repeats), not true/false
+    settings, and not one that only differs between norms (each norm's recipe: one point per line)."""
+    done = _completed(df, metric)
+    keys = {c: path for c, path in SETTINGS if path and c != "seed"} | {c: c for c in df.columns if "." in c}
+    swept = {}
+    for column, key in keys.items():
+        if column not in done or pd.api.types.is_bool_dtype(done[column]) or done[column].map(type).eq(bool).any():
+            continue
+        numbers = pd.to_numeric(done[column], errors="coerce")
+        if numbers.notna().all() and numbers.groupby(done["norm"]).nunique().max() > 1:
+            swept[column] = key
+    return swept
+
+
+def sensitivity_lines(df: pd.DataFrame, column: str) -> pd.Series:
+    """The line each run belongs to in the sensitivity plot of ``column``: its norm, plus the settings
+    that vary among one norm's runs (other than ``column`` and the seed). Settings a norm's recipe
+    fixes (its weight decay, Weight Standardization) do not split a norm's line."""
+    others = [c for c, _ in SETTINGS if c not in ("norm", "seed", column)]
+    others += [c for c in df.columns if "." in c and c != column]
+    within = [c for c in others if c in df and df.groupby("norm")[c].agg(lambda s: s.astype(str).nunique()).max() > 1]
+
+    def line(r: pd.Series) -> str:
+        return " ".join([str(r["norm"])] + [f"{c}={setting_text(r[c]) or 'null'}" for c in within])
+
+    return df.apply(line, axis=1)
+
+
+def plot_sensitivity(df: pd.DataFrame, column: str, key: str, out: Path, metric: str = "final_test_acc") -> Path:
+    """``sensitivity_<key>.png``: ``metric`` against the setting ``column`` (config key ``key``), one line
+    per norm (:func:`sensitivity_lines`), each point the mean over seeds with its 95% interval (:func:`mean_ci`)."""
+    done = _completed(df, metric)
+    x, lines = pd.to_numeric(done[column]), sensitivity_lines(done, column)
+    one_per_norm = lines.str.split().str[0].nunique() == lines.nunique()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    most_seeds = 1
+    order = {norm: i for i, norm in enumerate(NORM_COLOURS)}  # the registry's order, as the colours
+    for line in sorted(set(lines), key=lambda s: (order.get(s.split()[0], len(order)), s)):
+        mine = lines == line
+        stats = mean_ci(done.loc[mine, metric].groupby(x[mine])).sort_index()
+        most_seeds = max(most_seeds, int(stats["count"].max()))
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["ci"], label=_wrap(line), marker="o", markersize=4,
+                    capsize=3, color=NORM_COLOURS.get(line.split()[0]) if one_per_norm else None)  # fmt: skip
+    values = np.sort(x.unique())
+    if values[0] > 0 and values[-1] / values[0] >= 10:
+        ax.set_xscale("log")
+    if len(values) <= 12:
+        ax.set_xticks(values, [setting_text(float(v)) for v in values])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel(key + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    spread = "mean over seeds, error bars 95% CI (t, n−1 dof)" if most_seeds > 1 else "one seed per point, no interval"
+    name = metric.replace("_acc", " accuracy").replace("_", " ")  # final_test_acc: final test accuracy
+    ax.set_ylabel(f"{name} (%)")
+    ax.set_title(f"{name.capitalize()} against {key}\n{spread}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"sensitivity_{key}.png"
+    _save(fig, path, 120)
+    plt.close(fig)
+    return path
 
 
 def mispredicted(job_dir: Path, k: int = 25, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -222,6 +298,7 @@ def write_plots(df: pd.DataFrame, sweep_dirs: list[Path], out: Path) -> list[Pat
     written = plot_curves(df, out)
     if (df["status"] == "completed").any():
         written.append(plot_test_accuracy_bars(df, out))
+        written += [plot_sensitivity(df, column, key, out) for column, key in swept_numeric_settings(df).items()]
     for path in df.loc[df["status"] == "completed", "path"].map(Path):
         if not (path / PREDICTIONS_FILE).exists():
             continue

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .augment import augment_batch, normalize, to_float
-from .config import AugmentConfig, Config, NormsweepError, OptimizerConfig, SchedulerConfig
+from .config import AugmentConfig, Config, NormsweepError, OptimizerConfig, SchedulerConfig, TrainerConfig
 from .data import Split, Splits
 from .results import EpochRecord
 from .resume import CheckpointError, load_checkpoint, save_checkpoint
@@ -36,21 +36,36 @@ class NonFiniteLossError(NormsweepError, RuntimeError):
 EpochStats = EpochRecord  # one epoch's numbers, declared once: results.json's history and the checkpoint's
 
 
-def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def peak_lr(cfg: OptimizerConfig, batch_size: int) -> float:
+    """The learning rate a run trains with: ``optimizer.lr``, scaled to ``batch_size`` by ``optimizer.lr_scaling``.
+
+    ``linear`` is the linear scaling rule (Goyal et al. 2017, arXiv:1706.02677): ``optimizer.lr ×
+    batch_size / optimizer.base_batch_size``, the base being the batch size ``optimizer.lr`` is set
+    for (each tuned recipe states its own; null: the shared recipe's, ``trainer.batch_size``'s
+    default). The warm-up that rule needs is the scheduler's (``scheduler=onecycle`` rises linearly
+    to this peak over the first ``scheduler.warmup_frac`` of the steps). Null: ``optimizer.lr`` as given.
+    """
+    if getattr(cfg.lr_scaling, "value", cfg.lr_scaling) is None:
+        return cfg.lr
+    return cfg.lr * batch_size / (cfg.base_batch_size or TrainerConfig.batch_size)
+
+
+def make_optimizer(params, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names, at peak learning rate ``lr`` (:func:`peak_lr`)."""
     name = getattr(cfg.name, "value", cfg.name)
     if name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+            params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
         )
     if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"optimizer.name={name!r} is unknown")
 
 
 def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int) -> float:
-    """The learning rate at ``step`` as a fraction of ``optimizer.lr``."""
+    """The learning rate at ``step`` as a fraction of the peak (:func:`peak_lr`)."""
     name = getattr(cfg.name, "value", cfg.name)
     progress = step / max(total_steps, 1)
     if name == "none":
@@ -236,7 +251,11 @@ def train(
     steps_per_epoch = len(range(0, n, tc.batch_size))
     total_steps = steps_per_epoch * tc.epochs
 
-    opt = make_optimizer(model.parameters(), cfg.optimizer)
+    peak = peak_lr(cfg.optimizer, tc.batch_size)
+    if peak != cfg.optimizer.lr:
+        log.info("peak learning rate %.4g: optimizer.lr=%g scaled to batch %d (optimizer.lr_scaling=linear)",
+                 peak, cfg.optimizer.lr, tc.batch_size)  # fmt: skip
+    opt = make_optimizer(model.parameters(), cfg.optimizer, peak)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.scheduler, s, total_steps))
     gen = torch.Generator(device=device).manual_seed(tc.seed)
     # The compiled module shares its parameters with ``model``; evaluation and checkpoints use ``model``.
@@ -282,7 +301,8 @@ def train(
         lr = opt.param_groups[0]["lr"]
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(
-                f"training loss is {train_loss} in epoch {epoch}; lower optimizer.lr (now {cfg.optimizer.lr})"
+                f"training loss is {train_loss} in epoch {epoch}; lower optimizer.lr (now {cfg.optimizer.lr}, "
+                f"peak {peak:.4g} at batch {tc.batch_size})"
             )
         val_acc = accuracy(predict(eval_model, val_x, channels_last=tc.channels_last, bf16=bf16), val_y)
         test_acc = accuracy(predict(eval_model, test_x, channels_last=tc.channels_last, bf16=bf16), test_y)

@@ -19,7 +19,7 @@ from normsweep.config import Config
 from normsweep.models import model_from_config
 from normsweep.results import load_model
 
-from .conftest import REPO, SHARED_CIFAR, write_folder_dataset
+from .conftest import REPO, SHARED_CIFAR, compose_config, write_folder_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -137,6 +137,44 @@ def assert_grid_shows_only_mispredicted(job: Path) -> None:
     assert np.array_equal(model_pred, pred) and (model_pred != target).all()
 
 
+SMALL = ("trainer.epochs=1", "data.train_size=200", "data.test_size=200")  # after data_args: these win
+
+
+def test_every_new_norm_trains_through_the_cli_and_reaches_the_report(tmp_path, data_args) -> None:
+    sweep, norms = tmp_path / "multirun", ["batch_renorm", "frn", "evonorm_s0", "evonorm_b0"]
+    proc = normsweep("-m", f"norm={','.join(norms)}", *data_args, *SMALL, "trainer.batch_size=32",
+                     f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name.split("_")[0]))
+    for job, norm in zip(jobs, norms, strict=True):
+        assert assert_complete(job, norm, 1)["choices"]["recipe"] == norm  # its recipe file: the shared recipe
+    import pandas as pd
+
+    assert sorted(pd.read_csv(sweep / "results.csv")["norm"]) == sorted(norms)
+    assert (sweep / "plots" / "test_accuracy.png").stat().st_size > 10_000
+
+
+def test_the_batch_size_study_runs_its_command_on_tiny_data(tmp_path, data_args) -> None:
+    sweep, norms, batches = tmp_path / "study", ["batch", "group", "layer", "frn", "evonorm_s0"], (8, 32)
+    proc = normsweep("-m", "experiment=batch_size", f"norm={','.join(norms)}", *data_args, *SMALL,
+                     f"trainer.batch_size={','.join(map(str, batches))}", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()]
+    recipe_batch = {norm: compose_config([f"norm={norm}"]).trainer.batch_size for norm in norms}  # each recipe's own
+    seen = set()
+    for job in jobs:
+        res = json.loads((job / "results.json").read_text())
+        assert res["status"] == "completed", res["error"]
+        norm, batch, optimizer = res["norm"], res["config"]["trainer"]["batch_size"], res["config"]["optimizer"]
+        seen.add((norm, batch))
+        assert optimizer["lr_scaling"] == "linear"
+        peak = optimizer["lr"] * batch / recipe_batch[norm]
+        assert f"peak learning rate {peak:.4g}: optimizer.lr={optimizer['lr']:g} scaled to batch {batch}" in (
+            job / "normsweep.log").read_text()  # fmt: skip
+    assert seen == {(n, b) for n in norms for b in batches}
+    assert (sweep / "plots" / "sensitivity_trainer.batch_size.png").stat().st_size > 10_000
+
+
 def test_cfg_job_shows_the_composed_config_and_help_lists_groups() -> None:
     proc = normsweep("--cfg", "job", "norm=layer", "optimizer.lr=0.05")
     assert proc.returncode == 0, proc.stderr
@@ -163,6 +201,8 @@ def test_bad_value_fails_at_start_naming_the_key(tmp_path) -> None:
     assert "Traceback" not in proc.stdout + proc.stderr  # a fixable problem is a message, not a traceback
     proc = normsweep("trainer.batchsize=64", f"hydra.run.dir={tmp_path / 'y'}")
     assert proc.returncode != 0 and "batchsize" in proc.stderr
+    proc = normsweep("norm=frn", "norm.eps=-1e-06", f"hydra.run.dir={tmp_path / 'z'}")
+    assert proc.returncode == 2 and "norm.eps=-1e-06 is invalid: expected an epsilon > 0" in proc.stdout + proc.stderr
 
 
 def test_missing_data_root_explains_how_to_get_data(tmp_path) -> None:

@@ -11,6 +11,7 @@ from omegaconf.errors import ValidationError
 
 from normsweep.config import Config, ConfigError, register_configs, to_config
 from normsweep.models import BudgetError, check_budget, count_params, model_from_config
+from normsweep.norms import NORMS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["norm", "model", "augment", "optimizer", "scheduler", "data", "trainer", "budget", "experiment", "logger"]
@@ -49,7 +50,7 @@ def test_default_is_normsweeps_recipe_within_budget() -> None:
     cfg = make_cfg()
     assert cfg.model.arch.value == "resnet" and cfg.scheduler.name.value == "onecycle"
     assert cfg.trainer.epochs <= cfg.budget.max_epochs
-    for norm in ("batch", "group", "layer", "instance", "none"):
+    for norm in NORMS:
         cfg = make_cfg(f"norm={norm}")
         params = count_params(model_from_config(cfg))
         assert params < 50_000, (norm, params)
@@ -116,6 +117,16 @@ def test_wrong_type_fails_naming_the_key() -> None:
         ("search=optuna search.pruner=hyperbnd", "search.pruner"),
         ("search=optuna search.reduction_factor=1", "search.reduction_factor"),
         ("search=optuna search.min_resource=0", "search.min_resource"),
+        ("norm=frn norm.eps=-1e-6", "norm.eps"),
+        ("norm=frn norm.eps=0", "norm.eps"),
+        ("norm=frn norm.eps=null", "norm.eps"),  # FRN needs it
+        ("norm=batch norm.eps=1e-6", "norm.eps"),  # another norm's setting
+        ("norm=batch_renorm norm.r_max=0.5", "norm.r_max"),
+        ("norm=batch_renorm norm.d_max=-1", "norm.d_max"),
+        ("norm=batch_renorm norm.warmup_steps=-1", "norm.warmup_steps"),
+        ("norm=batch_renorm norm.warmup_steps=100 norm.r_max_steps=50", "norm.r_max_steps"),
+        ("norm=group norm.r_max=3", "norm.r_max"),
+        ("optimizer.base_batch_size=0", "optimizer.base_batch_size"),
     ],
 )
 def test_impossible_values_fail_at_start_naming_the_key(override: str, key: str) -> None:

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from normsweep.models import StudyNet, build_model, count_params
-from normsweep.norms import norm_layer
+from normsweep.models import StudyNet, build_model, count_params, model_from_config
+from normsweep.norms import NORMS, norm_act, norm_layer
+
+from .test_config import make_cfg
 
 DEFAULT = dict(widths=[16, 24, 36, 56], depths=[1, 1, 0])
 
@@ -27,11 +29,38 @@ def test_study_network_without_norm_has_only_its_conv_weights() -> None:
     assert count_params(build_model("study", "none", groups=2, dropout=0.02)) == 37_098 - 376
 
 
-@pytest.mark.parametrize("norm", ["batch", "group", "layer", "instance", "none"])
-def test_default_network_is_under_budget_and_classifies(norm: str) -> None:
-    model = build_model("resnet", norm, groups=4, dropout=0.0, **DEFAULT)
+@pytest.mark.parametrize("arch", ["resnet", "study"])
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_every_norm_is_under_budget_and_classifies(norm: str, arch: str) -> None:
+    model = model_from_config(make_cfg(f"norm={norm}", f"model={arch}", "norm.groups=2"))
     assert count_params(model) < 50_000
     assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+
+
+def test_norms_with_a_third_parameter_per_channel_or_a_learned_eps_count_them() -> None:
+    # 47,600 = 47,216 conv and head weights + 2 per normalized channel (16+24+24+36+36+56 = 192, in 6 layers)
+    counts = {kind: count_params(model_from_config(make_cfg(f"norm={kind}"))) for kind in NORMS}
+    assert counts["none"] == 47_216
+    assert counts["batch"] == counts["batch_renorm"] == counts["group"] == counts["layer"] == 47_216 + 2 * 192
+    assert counts["evonorm_s0"] == counts["evonorm_b0"] == 47_216 + 3 * 192  # gamma, beta, v
+    assert counts["frn"] == 47_216 + 3 * 192 + 6  # gamma, beta, tau, and one learned eps per layer
+
+
+@pytest.mark.parametrize("arch", ["resnet", "study"])
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_a_norm_that_is_also_an_activation_gets_no_relu_and_every_other_norm_one(norm: str, arch: str) -> None:
+    model = model_from_config(make_cfg(f"norm={norm}", f"model={arch}", "norm.groups=2"))
+    blocks = [m for m in model.modules() if isinstance(m, nn.Sequential) and len(m) and isinstance(m[0], nn.Conv2d)
+              and m[0].kernel_size == (3, 3)]  # fmt: skip
+    assert len(blocks) == (6 if arch == "resnet" else 8)
+    for block in blocks:
+        kinds = [type(m) for m in block]
+        relus = kinds.count(nn.ReLU)
+        assert relus == (0 if NORMS[norm].activates else 1), (norm, kinds)
+        if relus and arch == "study":  # the study's order: conv -> ReLU -> norm
+            assert kinds[1] is nn.ReLU
+        elif relus:  # normsweep's: conv -> [pool] -> norm -> ReLU
+            assert kinds[-1] is nn.ReLU
 
 
 def test_default_network_parameter_count() -> None:
@@ -55,17 +84,6 @@ def test_batch_norm_uses_batch_statistics_in_train_and_running_statistics_in_eva
     assert not torch.allclose(bn(x[:2]), bn(x)[:2], atol=1e-3)
 
 
-@pytest.mark.parametrize("norm", ["group", "layer", "instance"])
-def test_group_layer_instance_norm_outputs_do_not_depend_on_other_samples(norm: str) -> None:
-    torch.manual_seed(0)
-    layer = make_norm(norm, 8, groups=4).train()
-    x = torch.randn(6, 8, 5, 5)
-    alone = layer(x[:1])
-    in_batch = layer(x)[:1]
-    other_batch = layer(torch.cat([x[:1], 100 * torch.randn(5, 8, 5, 5)]))[:1]
-    assert torch.allclose(alone, in_batch, atol=1e-6) and torch.allclose(alone, other_batch, atol=1e-6)
-
-
 def test_layer_norm_normalizes_each_sample_over_channels_and_pixels_with_per_channel_affine() -> None:
     ln = make_norm("layer", 10, groups=4)
     assert isinstance(ln, nn.GroupNorm) and ln.num_groups == 1
@@ -87,14 +105,24 @@ def test_group_norm_normalizes_each_group_separately() -> None:
 
 def test_group_count_that_does_not_divide_a_layer_names_the_layer() -> None:
     with pytest.raises(ValueError, match=r"norm.groups=4 does not divide the 10 channels of layer 'C1'"):
-        StudyNet(norm_layer("group", groups=4), dropout=0.0)
+        StudyNet(norm_act("group", groups=4), dropout=0.0)
     with pytest.raises(ValueError, match=r"stage2.down"):
         build_model("resnet", "group", groups=8, dropout=0.0, widths=[16, 24, 36, 56], depths=[1, 1, 0])
+    with pytest.raises(ValueError, match=r"norm.groups=8 does not divide the 36 channels of layer 'stage2.down'; EvoNorm"):
+        build_model("resnet", "evonorm_s0", groups=8, dropout=0.0, widths=[16, 24, 36, 56], depths=[1, 1, 0])
+
+
+def test_a_norms_own_settings_are_required_and_no_others_accepted() -> None:
+    with pytest.raises(ValueError, match=r"norm=frn needs norm.eps \(conf/norm/frn.yaml sets it\)"):
+        build_model("resnet", "frn", groups=4, dropout=0.0, **DEFAULT)
+    with pytest.raises(ValueError, match=r"norm.eps is not a setting of norm=batch"):
+        build_model("resnet", "batch", groups=4, dropout=0.0, **DEFAULT, norm_options={"eps": 1e-6})
 
 
 def test_none_norm_has_no_normalization_layers() -> None:
     model = build_model("resnet", "none", groups=1, dropout=0.0, **DEFAULT)
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in model.modules())
+    assert count_params(model) == count_params(build_model("resnet", "batch", groups=1, dropout=0.0, **DEFAULT)) - 384
 
 
 def test_unknown_arch_and_norm_are_rejected() -> None:

@@ -78,6 +78,20 @@ def test_the_norm_registry_is_the_one_list_of_norms() -> None:
     assert len(set(NORM_COLOURS.values())) == len(NORMS)
 
 
+def test_each_norms_own_settings_are_its_yaml_files_and_schema_fields() -> None:
+    from dataclasses import fields
+
+    from normsweep.config import NormConfig
+    from normsweep.norms import NORMS
+
+    shared = {"kind", "groups", "ws"}  # the keys every norm has
+    schema = {f.name for f in fields(NormConfig)} - shared
+    assert schema == {key for norm in NORMS.values() for key in norm.options}  # no field without a norm that reads it
+    for kind, norm in NORMS.items():
+        written = set(OmegaConf.load(REPO / "conf" / "norm" / f"{kind}.yaml")) - shared
+        assert written == set(norm.options), kind  # conf/norm/<kind>.yaml sets exactly the norm's own keys
+
+
 @pytest.mark.parametrize("yaml_file,schema", [("trainer/default.yaml", "TrainerConfig"), ("data/cifar10.yaml", "DataConfig"),
                                               ("budget/study.yaml", "BudgetConfig")])  # fmt: skip
 def test_single_option_groups_and_their_dataclass_agree_on_every_default(yaml_file: str, schema: str) -> None:

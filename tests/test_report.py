@@ -224,3 +224,94 @@ def test_long_labels_wrap_and_the_figures_still_fit(tmp_path: Path, monkeypatch,
     assert max(len(line) for label in bars + drawn["loss.png"] for line in label.splitlines()) <= LABEL_WIDTH
     assert not [w for w in recwarn if "layout" in str(w.message)], [str(w.message) for w in recwarn]
     assert (s / "plots" / "test_accuracy.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------ sensitivity plots
+
+
+def _drawn_lines(monkeypatch) -> dict[str, dict]:
+    """Per figure written: its x scale and label, and per error-bar line its points (x, mean, interval half-width)."""
+    import normsweep.plots as plots
+
+    drawn: dict[str, dict] = {}
+    save = plots._save
+
+    def record(fig, path: Path, dpi: int) -> None:
+        save(fig, path, dpi)
+        if not path.name.startswith("sensitivity_"):
+            return
+        ax = fig.axes[0]
+        lines = {}
+        for c in ax.containers:
+            x, y = c.lines[0].get_xdata(), c.lines[0].get_ydata()
+            bars = c.lines[2][0].get_segments() if c.lines[2] else [[(0, 0), (0, 0)]] * len(x)
+            half = [(bar[1][1] - bar[0][1]) / 2 for bar in bars]
+            lines[c.get_label()] = [(float(a), float(b), round(float(h), 6)) for a, b, h in zip(x, y, half)]
+        drawn[path.name] = {"xscale": ax.get_xscale(), "xlabel": ax.get_xlabel(), "lines": lines}
+
+    monkeypatch.setattr(plots, "_save", record)
+    return drawn
+
+
+def batch_size_sweep(s: Path, accuracy) -> None:
+    """The batch-size study faked: 3 norms x 4 batch sizes x 2 seeds; group runs its recipe (WS, weight decay)."""
+    for i, (norm, batch, seed) in enumerate((n, b, sd) for n in ("batch", "group", "frn") for b in (2, 8, 64, 256)
+                                           for sd in (0, 1)):  # fmt: skip
+        job = s / f"{i}_norm={norm},trainer.batch_size={batch},trainer.seed={seed}"
+        write_run(job, norm, seed, test=accuracy(norm, batch, seed), val=70.0)
+        res = json.loads((job / "results.json").read_text())
+        res["config"]["trainer"]["batch_size"] = batch
+        res["config"]["norm"]["ws"] = norm == "group"  # a recipe's settings: the same in all of a norm's runs
+        res["config"]["optimizer"]["weight_decay"] = 1e-3 if norm == "group" else 5e-4
+        res["overrides"] += [f"trainer.batch_size={batch}"]
+        (job / "results.json").write_text(json.dumps(res))
+
+
+def test_a_swept_batch_size_gets_a_sensitivity_plot_one_line_per_norm_with_95_percent_intervals(
+    tmp_path: Path, monkeypatch, recwarn
+) -> None:
+    from scipy.stats import t
+
+    def accuracy(norm: str, batch: int, seed: int) -> float:  # BN collapses at small batches, the others hold
+        drop = {"batch": {2: 30.0, 8: 8.0}, "group": {2: 1.0}, "frn": {}}[norm].get(batch, 0.0)
+        return 80.0 - drop + (1.0 if seed else -1.0) * (2.0 if batch == 2 else 0.5)
+
+    s = tmp_path / "sweep"
+    batch_size_sweep(s, accuracy)
+    drawn = _drawn_lines(monkeypatch)
+    write_report([s])
+    figure = drawn["sensitivity_trainer.batch_size.png"]
+    assert figure["xscale"] == "log" and figure["xlabel"].startswith("trainer.batch_size")  # 2..256: a ratio of 128
+    assert set(figure["lines"]) == {"batch", "group", "frn"}  # not split by group's WS and weight decay
+    half_2, half_big = (t.ppf(0.975, 1) * np.std(d, ddof=1) / np.sqrt(2) for d in ([-2.0, 2.0], [-0.5, 0.5]))
+    expected = [(2.0, 50.0, half_2), (8.0, 72.0, half_big), (64.0, 80.0, half_big), (256.0, 80.0, half_big)]
+    assert figure["lines"]["batch"] == [(x, y, round(h, 6)) for x, y, h in expected]
+    assert [y for _, y, _ in figure["lines"]["group"]] == [79.0, 80.0, 80.0, 80.0]
+    assert (s / "plots" / "sensitivity_trainer.batch_size.png").stat().st_size > 10_000
+    # no plot for the seed, for WS (true/false), for the lr (one value) or for the weight decay (it differs
+    # between norms only, by their recipes: one point per line)
+    assert [p.name for p in (s / "plots").glob("sensitivity_*.png")] == ["sensitivity_trainer.batch_size.png"]
+    assert not [w for w in recwarn if "layout" in str(w.message)], [str(w.message) for w in recwarn]
+
+
+def test_any_swept_numeric_key_gets_its_plot_linear_x_for_a_narrow_range_and_lines_split_by_other_swept_settings(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from normsweep.plots import swept_numeric_settings
+
+    s = tmp_path / "sweep"
+    for i, (norm, momentum, lr) in enumerate((n, m, lr) for n in ("batch", "layer") for m in (0.8, 0.9)
+                                            for lr in (0.1, 0.2)):  # fmt: skip
+        write_run(s / str(i), norm, 0, test=70.0 + 10 * momentum + lr, val=70.0, lr=lr)
+        res = json.loads((s / str(i) / "results.json").read_text())
+        res["overrides"] += [f"optimizer.momentum={momentum}"]  # a key the table has no column for
+        (s / str(i) / "results.json").write_text(json.dumps(res))
+    drawn = _drawn_lines(monkeypatch)
+    df = write_report([s])
+    assert swept_numeric_settings(df) == {"lr": "optimizer.lr", "optimizer.momentum": "optimizer.momentum"}
+    momentum = drawn["sensitivity_optimizer.momentum.png"]
+    assert momentum["xscale"] == "linear"  # 0.8..0.9
+    assert set(momentum["lines"]) == {"batch lr=0.1", "batch lr=0.2", "layer lr=0.1", "layer lr=0.2"}
+    assert momentum["lines"]["layer lr=0.2"] == [(0.8, 78.2, 0.0), (0.9, 79.2, 0.0)]  # one seed: no interval
+    lr_lines = {f"{n} optimizer.momentum={m}" for n in ("batch", "layer") for m in ("0.8", "0.9")}
+    assert set(drawn["sensitivity_optimizer.lr.png"]["lines"]) == lr_lines

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from normsweep.config import SchedulerConfig, SchedulerName
+from normsweep.config import LrScaling, OptimizerConfig, SchedulerConfig, SchedulerName
 from normsweep.data import load_raw, make_splits
 from normsweep.models import model_from_config
-from normsweep.train import NonFiniteLossError, lr_factor, train
+from normsweep.train import NonFiniteLossError, lr_factor, peak_lr, predict, train
 
 from .test_config import make_cfg
 
@@ -61,6 +62,48 @@ def test_same_seed_gives_the_same_run_and_another_seed_does_not(splits) -> None:
 
     assert run(0) == run(0)
     assert run(0) != run(1)
+
+
+def test_linear_lr_scaling_scales_the_lr_by_batch_size_over_the_base_batch_size() -> None:
+    linear = OptimizerConfig(lr=0.2, lr_scaling=LrScaling.linear, base_batch_size=256)
+    assert peak_lr(linear, 256) == 0.2 and peak_lr(linear, 512) == pytest.approx(0.4)
+    assert peak_lr(linear, 2) == pytest.approx(0.2 * 2 / 256)
+    assert peak_lr(OptimizerConfig(lr=0.2), 2) == 0.2  # lr_scaling null: the lr as given
+
+
+def test_the_batch_size_study_scales_each_norms_lr_from_its_recipes_batch() -> None:
+    recipe_batches = set()
+    for norm in ("batch", "group", "layer", "frn", "evonorm_s0"):  # the study's command
+        recipe = make_cfg(f"norm={norm}")  # without the study: the recipe's batch size
+        study = make_cfg("experiment=batch_size", f"norm={norm}", "trainer.batch_size=8")
+        assert study.trainer.batch_size == 8 and study.optimizer.lr == recipe.optimizer.lr
+        assert peak_lr(study.optimizer, 8) == pytest.approx(recipe.optimizer.lr * 8 / recipe.trainer.batch_size), norm
+        assert peak_lr(recipe.optimizer, recipe.trainer.batch_size) == recipe.optimizer.lr  # off outside the study
+        recipe_batches.add(recipe.trainer.batch_size)
+    assert len(recipe_batches) > 1  # tuned recipes (optimizer.base_batch_size) and the shared one (null) both seen
+
+
+def test_training_runs_at_the_scaled_learning_rate(splits) -> None:
+    cfg = make_cfg("trainer.epochs=1", "scheduler=none", "optimizer.lr=0.1", "optimizer.lr_scaling=linear",
+                   "optimizer.base_batch_size=100", *TINY)  # fmt: skip
+    torch.manual_seed(0)
+    (epoch,) = train(model_from_config(cfg), cfg, splits, torch.device("cpu"))
+    assert epoch.lr == pytest.approx(0.1 * 25 / 100)
+
+
+def test_evaluation_uses_batchnorms_running_statistics_whatever_the_evaluation_batch() -> None:
+    torch.manual_seed(0)
+    model = model_from_config(make_cfg("norm=batch"))
+    model.train()(torch.randn(16, 3, 32, 32) * 2 + 1)  # running statistics away from their initial values
+    x = torch.randn(12, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x).argmax(1)
+        in_train_mode = copy.deepcopy(model).train()(x).argmax(1)  # a copy: this moves running statistics
+    assert not torch.equal(expected, in_train_mode)  # the test would see batch statistics being used
+    model.train()  # as the training loop leaves it before each evaluation
+    for batch_size in (1, 5, 12):
+        assert torch.equal(predict(model, x, batch_size=batch_size), expected)
+    assert model.training  # predict() restores the mode it found
 
 
 def test_non_finite_loss_stops_the_run_with_the_epoch_and_the_fix(splits) -> None:
