@@ -275,6 +275,7 @@ class SearchConfig:
     max_failure_rate: float = 0.5
     heartbeat_interval: Optional[float] = 30.0  # seconds between a running trial's heartbeats; null = off
     grace_period: float = 120.0  # a RUNNING trial without a heartbeat for this long is FAIL, its slot reused
+    workers: int = 1  # worker jobs the sweeper starts through the launcher; together they serve every study
     params: dict[str, str] = field(
         default_factory=lambda: {"model.dropout": "interval(0.0, 0.2)", "optimizer.lr": "tag(log, interval(1e-3, 1.0))"}
     )
@@ -292,6 +293,8 @@ class SearchConfig:
             _fail("search.heartbeat_interval", self.heartbeat_interval, f"seconds in (0, search.grace_period={self.grace_period}), or null")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             _fail("search.max_failure_rate", self.max_failure_rate, "a fraction in [0, 1]")
+        if self.workers < 1:
+            _fail("search.workers", self.workers, "an integer >= 1 (worker jobs started through the launcher)")
 
 
 @dataclass

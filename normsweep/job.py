@@ -11,9 +11,7 @@ import errno
 import logging
 import os
 import platform
-import signal
 import socket
-import threading
 import time
 import traceback
 from datetime import datetime, timezone
@@ -32,6 +30,7 @@ from .models import check_budget, count_params, model_from_config
 from .results import RunRecord
 from .resume import previous_result, resume_hint
 from .runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
+from .signals import sigterm_interrupts
 from .train import EpochStats, accuracy, predict, prepare_eval, train
 
 log = logging.getLogger(__name__)
@@ -54,10 +53,6 @@ def _choices() -> dict:
     if not HydraConfig.initialized():
         return {}
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """SIGTERM: handled like Ctrl-C — stop, keep the last epoch's checkpoint, say how to resume."""
 
 
 RUN_LOCK_FILE = ".normsweep.lock"  # in the job directory; names the process that holds it
@@ -167,13 +162,12 @@ def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         torch=torch.__version__,
     )
     record.write(out)  # "running": the report can tell a live run
+    with sigterm_interrupts():
+        return _run_recorded(dcfg, out, record, config)
 
-    def on_sigterm(signum, frame):
-        raise RunInterrupted(f"stopped by signal {signal.Signals(signum).name}")
 
-    # Signal handlers can only be set from the main thread (not so under a thread-based launcher).
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+def _run_recorded(dcfg: DictConfig, out: Path, record: RunRecord, config: dict) -> float:
+    """Run the job; whatever ends it (an error, the search's pruner, Ctrl-C or SIGTERM) goes into ``record``."""
     tracker = trackers.Tracker()  # logger=none until the configured tracker has started
     try:
         cfg = to_config(dcfg)
@@ -199,14 +193,11 @@ def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         record.write(out)
         tracker.close(record.to_dict(), trackers.run_files(out))
         raise
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | None = None) -> float:
     tracker = tracker or trackers.Tracker()
-    threads = job_threads(cfg.trainer.threads)
+    threads = job_threads(cfg.trainer.threads, jobs_at_once=cfg.search.workers if cfg.search else None)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cfg.trainer.seed)
@@ -253,9 +244,14 @@ def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | 
         record.write(out)
         tracker.log_history(history)  # the epochs the tracker does not hold yet (a resumed run's too)
 
+    reported: set[int] = set()
+
     def on_epoch(history: list[EpochStats]) -> None:
         record_progress(history)
-        trial_hook.report_epoch(history[-1].epoch, history[-1].val_acc)  # may raise RunPruned
+        for stats in history:  # a run resumed from a checkpoint first reports the epochs it holds
+            if stats.epoch not in reported:
+                reported.add(stats.epoch)
+                trial_hook.report_epoch(stats.epoch, stats.val_acc)  # may raise RunPruned
 
     t0 = time.perf_counter()
     state_file = out / results.TRAINING_STATE_FILE

@@ -22,12 +22,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def job_threads(threads: int | None) -> int | None:
+def job_threads(threads: int | None, jobs_at_once: int | None = None) -> int | None:
     """Torch threads for this job: ``trainer.threads``, or the job's share of the cores.
 
     With ``trainer.threads=null`` a job under a parallel launcher gets ``cpus_per_task`` threads
     (submitit) or ``cores // n_jobs`` (joblib; ``n_jobs=-1`` is one job per core), so parallel
     jobs do not oversubscribe the cores; otherwise torch keeps its default (all cores).
+    ``jobs_at_once`` caps joblib's count: the trials of a search run inside its ``search.workers``
+    worker jobs, so only that many run together even when ``n_jobs`` is larger.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -36,12 +38,27 @@ def job_threads(threads: int | None) -> int | None:
     launcher = HydraConfig.get().launcher
     if launcher.get("cpus_per_task"):
         return int(launcher.cpus_per_task)
+    if launcher.get("n_jobs"):
+        parallel = launcher_jobs_at_once(launcher)
+        return max(1, usable_cores() // min(parallel, jobs_at_once or parallel))
+    return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def launcher_jobs_at_once(launcher) -> int | None:
+    """How many jobs a launcher config (``hydra.launcher``) runs together, where it caps them.
+
+    joblib: ``n_jobs`` (``-1`` = one per core, ``-2`` all but one); submitit_slurm:
+    ``array_parallelism``; None for the others (``submitit_local`` starts every job at once).
+    """
     n_jobs = launcher.get("n_jobs")
     if n_jobs:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
-        return max(1, cores // parallel)
-    return None
+        return n_jobs if n_jobs > 0 else max(1, usable_cores() + 1 + n_jobs)
+    return launcher.get("array_parallelism") or None
 
 
 def keep_freed_memory() -> bool:

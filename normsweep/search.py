@@ -1,4 +1,4 @@
-"""Hyper-parameter search: normsweep's own Hydra sweeper on current Optuna.
+"""Hyper-parameter search: normsweep's own Hydra sweeper and search workers on current Optuna.
 
 ``python -m normsweep -m search=optuna [norm=batch,group,layer] [search.n_trials=30] ...``
 
@@ -12,64 +12,51 @@
   ``normsweep/storage.py``); the default is an SQLite file at a stable path, and a study's name
   is derived from its fixed overrides, so running the same command again resumes:
   ``search.n_trials`` is the total number of trials of the study.
-* Several workers (processes or machines) running the same command on one shared storage split
-  the trials: each takes a slot under a lock, so together they run exactly ``n_trials``. Trial
-  jobs go to ``<sweep dir>/<study>/trial_<number>``; workers that share ``hydra.sweep.dir`` write
-  one table.
+* The trials run in ``search.workers`` worker jobs that the sweeper starts through the configured
+  launcher (``normsweep/worker.py``): each takes a slot under a lock, runs the trial's job in its
+  own process with pruning, tells the result and takes the next slot, so together they run
+  exactly ``n_trials`` per study. Workers started by hand (the same command in several processes
+  or on several machines, one shared storage) split the trials the same way. Trial jobs go to
+  ``<sweep dir>/<study>/trial_<number>``; workers that share ``hydra.sweep.dir`` write one table.
 * Each job reports validation accuracy per epoch; the pruner stops bad trials (state PRUNED, with
   the epoch reached). A trial that raises is recorded as FAIL with its error, and the search goes
   on until more than ``search.max_failure_rate`` of its finished trials have failed.
 * At the end: ``optimization_results.yaml`` / ``.md`` (best parameters, best validation accuracy
   and that trial's test accuracy per study) and Optuna's plots in ``optuna/<study>/``.
 
-Pruning needs the job to run in this process (Hydra's basic launcher); with other launchers
-trials run to the end. A worker stopped by Ctrl-C or SIGTERM marks its running trial FAIL; one
-killed outright stops its heartbeats (:func:`heartbeat`), and the next worker to take a slot marks
-its trial FAIL after ``search.grace_period`` (:func:`fail_stale_trials`), freeing the slot.
+This module holds the search space, the pruners and the trial slots of a shared study; the Hydra
+sweeper is in ``normsweep/sweeper.py``, the workers in ``normsweep/worker.py``.
+
+A worker stopped by Ctrl-C or SIGTERM marks its running trial FAIL and frees its slot; one killed
+outright stops its heartbeats (:func:`heartbeat`), and the next worker to take a slot marks its
+trial FAIL after ``search.grace_period`` (:func:`fail_stale_trials`), freeing the slot. Either
+way the trial's parameters run again in its job directory, from its checkpoint (:func:`free_slot`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
-import itertools
+import hashlib
 import math
 import logging
 import os
 import socket
 import threading
 import time
-import warnings
-from pathlib import Path
 from typing import Any, Optional
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
-from hydra.plugins.sweeper import Sweeper
-from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from . import trial_hook
 from .config import NormsweepError, SearchConfig, is_result_neutral
-from .results import RESULTS_FILE, RunRecord, write_text
-from .storage import open_storage, resolve_storage, trial_slot_lock
+from .storage import trial_slot_lock
 
 log = logging.getLogger(__name__)
 
 class SearchError(NormsweepError, ValueError):
     pass
-
-
-def _trial_hook(trial: optuna.Trial) -> trial_hook.TrialHook:
-    """The hook a job reports its epochs to: Optuna's pruner decides, ``RunPruned`` stops the job."""
-
-    def report(epoch: int, val_acc: float) -> None:
-        trial.report(val_acc, epoch)
-        if trial.should_prune():
-            raise trial_hook.RunPruned(f"pruned after epoch {epoch} (validation accuracy {val_acc:.2f}%)")
-
-    return trial_hook.TrialHook(trial.number, report)
 
 
 # ------------------------------------------------------------------ search space
@@ -157,35 +144,51 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, op
 # Trials that use a slot. An enqueued (WAITING) trial takes its slot when a worker asks for it.
 TAKEN = FINISHED + (optuna.trial.TrialState.RUNNING,)
 HEARTBEAT_ATTR = "normsweep:heartbeat"  # system attr: time.time() of the trial's last heartbeat
-STALE_ATTR = "normsweep:stale"  # system attr on a trial failed for a dead worker: it frees its slot
+# System attr on a trial failed through no fault of its parameters (its worker died or was stopped): it frees its slot.
+STALE_ATTR = "normsweep:stale"
+JOB_SUBDIR_ATTR = "job_subdir"  # user attr: the trial's job directory under the sweep dir (a retry reuses it)
 
 
 def uses_slot(t: optuna.trial.FrozenTrial) -> bool:
-    """Whether ``t`` counts toward ``search.n_trials`` (a trial of a dead worker does not)."""
+    """Whether ``t`` counts toward ``search.n_trials`` (a trial of a dead or stopped worker does not)."""
     return t.state in TAKEN and not t.system_attrs.get(STALE_ATTR)
+
+
+def free_slot(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> None:
+    """Fail the RUNNING trial ``t`` through no fault of its parameters, free its slot, and retry them.
+
+    The reason goes into its ``error`` attribute; the trial stops counting toward
+    ``search.n_trials`` (:func:`uses_slot`: the mark is set before the state changes, so no
+    worker counting meanwhile sees it hold a slot it has lost); its parameters are enqueued, and
+    the worker that asks for them next runs them in the same job directory, so the job resumes
+    from the checkpoint of its last finished epoch. Callers hold the study's slot lock.
+    """
+    storage = study._storage
+    storage.set_trial_user_attr(t._trial_id, "error", reason)
+    storage.set_trial_system_attr(t._trial_id, STALE_ATTR, True)
+    storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    subdir = t.user_attrs.get(JOB_SUBDIR_ATTR) or f"{study.study_name}/trial_{t.number}"
+    study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number, JOB_SUBDIR_ATTR: subdir})
+    log.warning("study %s: trial %d failed: %s", study.study_name, t.number, reason)
 
 
 def fail_stale_trials(study: optuna.Study, grace_period: float, now: Optional[float] = None) -> list[int]:
     """Mark FAIL every RUNNING trial whose last heartbeat is older than ``grace_period`` seconds.
 
-    Its worker is taken to be dead (SIGKILL, a lost node): the reason goes into the trial's
-    ``error`` attribute and the trial stops holding a slot of ``search.n_trials``. A trial that has
-    never beaten is judged by its start time. Returns the numbers of the trials failed. Optuna's
+    Its worker is taken to be dead (SIGKILL, a lost node): :func:`free_slot` fails it with the
+    reason, frees its slot and retries its parameters. A trial that has never beaten is judged by
+    its start time. Returns the numbers of the trials failed. Optuna's
     own ``fail_stale_trials`` works only for RDB storages inside ``study.optimize``; this works for
     every storage normsweep supports, through the storage's trial attributes.
     """
     now = time.time() if now is None else now
-    storage, failed = study._storage, []
+    failed = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         last = t.system_attrs.get(HEARTBEAT_ATTR) or (t.datetime_start.timestamp() if t.datetime_start else now)
         if now - last <= grace_period:
             continue
-        reason = (f"no heartbeat for {now - last:.0f}s (> search.grace_period={grace_period:g}s): "
-                  f"worker {t.user_attrs.get('worker', '?')} presumed dead; its slot is reused")  # fmt: skip
-        storage.set_trial_user_attr(t._trial_id, "error", reason)
-        storage.set_trial_system_attr(t._trial_id, STALE_ATTR, True)
-        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        log.warning("study %s: trial %d failed: %s", study.study_name, t.number, reason)
+        free_slot(study, t, f"no heartbeat for {now - last:.0f}s (> search.grace_period={grace_period:g}s): "
+                            f"worker {t.user_attrs.get('worker', '?')} presumed dead; its slot is reused")  # fmt: skip
         failed.append(t.number)
     return failed
 
@@ -244,6 +247,9 @@ def take_trial(study: optuna.Study, spec: str, cfg: SearchConfig, dims: dict) ->
         study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(trials))
         trial = study.ask(dims)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if os.environ.get("SLURM_JOB_ID"):  # the job to scancel, as squeue shows it (ARRAY_TASK for an array task)
+            array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+            trial.set_user_attr("slurm_job", "_".join(array) if all(array) else os.environ["SLURM_JOB_ID"])
         return trial
 
 
@@ -275,161 +281,9 @@ def current_values(config: DictConfig, dims: dict[str, optuna.distributions.Base
     return values
 
 
-# ------------------------------------------------------------------ the sweeper
-
-
-class OptunaSweeper(Sweeper):
-    """Hydra sweeper: one seeded-TPE Optuna study per grid point, resumable, pruned, failure-tolerant."""
-
-    def __init__(self) -> None:
-        self.config: Optional[DictConfig] = None
-        self.launcher = None
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        from hydra.core.plugins import Plugins
-
-        self.config = config
-        self.config_loader = hydra_context.config_loader
-        self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config
-        )
-        self.sweep_dir = Path(config.hydra.sweep.dir)
-
-    def _search_config(self) -> SearchConfig:
-        node = OmegaConf.select(self.config, "search")
-        if node is None:
-            raise SearchError("hydra/sweeper=normsweep_optuna needs the search config: pass search=optuna")
-        merged = OmegaConf.merge(OmegaConf.structured(SearchConfig), node)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-
-    def sweep(self, arguments: list[str]) -> list[dict]:
-        cfg = self._search_config()
-        parser = OverridesParser.create()
-        cli_dims, grid, fixed = split_overrides(parser.parse_overrides(arguments))
-        dims = {k: to_distribution(k, v) for k, v in cfg.params.items()}
-        dims.update({k: to_distribution(k, v) for k, v in cli_dims.items()})
-        spec = resolve_storage(cfg.storage, Path(self.config.hydra.runtime.cwd))
-        storage = open_storage(spec)
-        summaries = []
-        for point in itertools.product(*grid) if grid else [()]:
-            if cfg.study_name:  # one name given: suffixed by the grid point when there is a grid
-                name = "-".join([cfg.study_name, *point])
-            else:
-                name = study_name_for(self.config, point, fixed)
-            summaries.append(self._run_study(name, spec, storage, cfg, dims, list(point), fixed))
-        self._write_summary(summaries)
-        return summaries
-
-    def _run_study(self, name: str, spec: str, storage, cfg: SearchConfig, dims: dict, point: list[str],
-                   fixed: list[str]) -> dict:  # fmt: skip
-        study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
-                                    pruner=make_pruner(cfg))  # fmt: skip
-        study.set_user_attr("overrides", point)
-        overrides = fixed + point
-        if cfg.enqueue_current:
-            job_config = self.config_loader.load_sweep_config(self.config, list(overrides))
-            enqueue_current(study, spec, current_values(job_config, dims))
-        done = sum(uses_slot(t) for t in study.get_trials(deepcopy=False))
-        log.info("study %s: %d of %d trials taken; up to %d to run here", name, done, cfg.n_trials, max(0, cfg.n_trials - done))
-        while True:
-            trial = take_trial(study, spec, cfg, dims)
-            if trial is None:
-                break
-            self._launch(study, trial, overrides, cfg.heartbeat_interval)
-        write_optuna_plots(study, self.sweep_dir / "optuna" / name)
-        return self._study_summary(study)
-
-    def _launch(self, study: optuna.Study, trial: optuna.Trial, overrides: list[str], beat: Optional[float]) -> None:
-        """Run one trial's job in ``<sweep dir>/<study>/trial_<number>`` and tell the study how it went."""
-        params = [f"{k}={v}" for k, v in trial.params.items()]
-        # The job directory is named by the study and the trial number, both shared by all the
-        # workers of a study, so workers writing into one sweep dir never collide.
-        subdir = f"hydra.sweep.subdir={study.study_name}/trial_{trial.number}"
-        trial_hook.ACTIVE = _trial_hook(trial)
-        try:
-            with heartbeat(study, trial, beat):
-                (ret,) = self.launcher.launch([tuple(overrides + params + [subdir])], initial_job_idx=trial.number)
-        except BaseException as e:  # Ctrl-C / SIGTERM / launcher error: free the slot, keep the record
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}".splitlines()[0])
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        finally:
-            trial_hook.ACTIVE = None
-        self._tell(study, trial, Path(ret.working_dir) if ret.working_dir else None, ret)
-
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Path], ret) -> None:
-        state, value, error = optuna.trial.TrialState.FAIL, None, "no results.json"
-        res: Optional[RunRecord] = None
-        if job_dir and (job_dir / RESULTS_FILE).exists():
-            res = RunRecord.read(job_dir)
-            error = res.error
-            if res.status == "completed" and res.final_val_acc is not None:
-                state, value = optuna.trial.TrialState.COMPLETE, float(res.final_val_acc)
-            elif res.status == "pruned":
-                state = optuna.trial.TrialState.PRUNED
-        if job_dir:
-            trial.set_user_attr("job_dir", str(job_dir))
-        trial.set_user_attr("epochs_completed", res.epochs_completed if res else None)
-        if res and res.final_test_acc is not None:
-            trial.set_user_attr("final_test_acc", res.final_test_acc)
-        if state == optuna.trial.TrialState.FAIL:
-            trial.set_user_attr("error", (error or "unknown error").splitlines()[0])
-            log.warning("trial %d failed: %s", trial.number, error)
-        study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
-
-    @staticmethod
-    def _study_summary(study: optuna.Study) -> dict:
-        trials = study.get_trials(deepcopy=False)
-        counts = {s.name: sum(t.state == s for t in trials) for s in FINISHED}
-        summary: dict[str, Any] = {"study": study.study_name, "overrides": study.user_attrs.get("overrides", []),
-                                   "trials": counts}  # fmt: skip
-        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if complete:
-            best = study.best_trial
-            summary.update(best_trial=best.number, best_params=dict(best.params), best_val_acc=best.value,
-                           best_test_acc=best.user_attrs.get("final_test_acc"),
-                           best_job_dir=best.user_attrs.get("job_dir"))  # fmt: skip
-        return summary
-
-    def _write_summary(self, summaries: list[dict]) -> None:
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create({"studies": summaries}), self.sweep_dir / "optimization_results.yaml")
-        lines = ["# Best settings per study (objective: final validation accuracy)", "",
-                 "| study | grid point | best params | best val acc | test acc of that trial | complete / pruned / failed |",
-                 "|---|---|---|---|---|---|"]  # fmt: skip
-        for s in summaries:
-            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.get("best_params", {}).items())
-            val = f"{s['best_val_acc']:.2f}" if s.get("best_val_acc") is not None else "—"
-            test = f"{s['best_test_acc']:.2f}" if s.get("best_test_acc") is not None else "—"
-            t = s["trials"]
-            lines.append(f"| {s['study']} | {' '.join(s['overrides']) or '—'} | {params or '—'} | {val} | {test} | "
-                         f"{t['COMPLETE']} / {t['PRUNED']} / {t['FAIL']} |")  # fmt: skip
-        write_text(self.sweep_dir / "optimization_results.md", "\n".join(lines) + "\n")
-        log.info("search results: %s\n%s", self.sweep_dir / "optimization_results.md", "\n".join(lines[2:]))
-
-
-def write_optuna_plots(study: optuna.Study, out: Path) -> list[Path]:
-    """Optuna's own figures (optimization history, parameter importances, slices) as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    plots = {"history": ovm.plot_optimization_history, "importances": ovm.plot_param_importances,
-             "slice": ovm.plot_slice}  # fmt: skip
-    for name, plot in plots.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "experimental" notices and tight_layout hints
-                ax = plot(study)
-                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-                fig.tight_layout()
-            fig.savefig(out / f"{name}.png", dpi=110)
-            plt.close(fig)
-            written.append(out / f"{name}.png")
-        except Exception as e:  # e.g. importances need >1 completed trial and >1 distinct value
-            log.info("optuna %s plot skipped for %s: %s", name, study.study_name, e)
-    return written
+def search_config(config: DictConfig) -> SearchConfig:
+    """The typed ``search`` node of a sweep's config (the sweeper and every worker read it from there)."""
+    node = OmegaConf.select(config, "search")
+    if node is None:
+        raise SearchError("hydra/sweeper=normsweep_optuna needs the search config: pass search=optuna")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchConfig), node))  # type: ignore[return-value]

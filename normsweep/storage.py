@@ -40,6 +40,15 @@ def resolve_storage(url: Optional[str], base: Path) -> str:
     return url
 
 
+def storage_file(spec: str) -> Optional[Path]:
+    """The file a journal or SQLite spec stores the studies in; None for a database server."""
+    if spec.startswith("journal:"):
+        return Path(spec[len("journal:") :])
+    if spec.startswith("sqlite:///"):
+        return Path(spec[len("sqlite:///") :])
+    return None
+
+
 def open_storage(spec: str):
     """The Optuna storage for a spec from :func:`resolve_storage`."""
     if spec.startswith("journal:"):  # appends cut a torn tail off first; damage stops with the repair command
@@ -72,11 +81,11 @@ def trial_slot_lock(spec: str, study_name: str) -> Iterator[None]:
 
     ``study_name`` only keys the lock: any name gives a lock shared by every worker that uses it.
     """
-    if spec.startswith(("journal:", "sqlite:///")):
+    path = storage_file(spec)
+    if path is not None:
         from filelock import FileLock
 
-        path = spec.split(":", 1)[1] if spec.startswith("journal:") else spec[len("sqlite:///") :]
-        with FileLock(path + LOCK_SUFFIX):
+        with FileLock(f"{path}{LOCK_SUFFIX}"):
             yield
         return
     dialect = spec.split(":", 1)[0].split("+", 1)[0]

@@ -1,6 +1,6 @@
-"""What a training job knows of a search: a hook the sweeper installs around a job it launches.
+"""What a training job knows of a search: a hook the search worker installs around each trial's job.
 
-The job tells the hook each epoch's validation accuracy; the hook (``search.py``, with Optuna's
+The job tells the hook each epoch's validation accuracy; the hook (``worker.py``, with Optuna's
 pruner) may answer by raising :class:`RunPruned`. Keeping this here, without Optuna, lets a plain
 training job run without importing the search machinery.
 """
@@ -22,7 +22,7 @@ class TrialHook:
     report: Callable[[int, float], None]  # (epoch, validation accuracy); may raise RunPruned
 
 
-# The hook of the job running now: set by the sweeper around each in-process launch, else None.
+# The hook of the job running now: set by the search worker around each trial's job, else None.
 ACTIVE: Optional[TrialHook] = None
 
 

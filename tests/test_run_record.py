@@ -22,7 +22,7 @@ from normsweep import plots, report, resume
 from normsweep.config import register_configs
 from normsweep.data import DataError
 from normsweep.results import RESULTS_FILE, EpochRecord, RunRecord
-from normsweep.search import OptunaSweeper
+from normsweep.worker import tell_from_job
 
 from .conftest import REPO
 
@@ -161,7 +161,7 @@ def test_the_plots_read_through_the_one_reader(redirected: Path, monkeypatch) ->
 def test_the_search_reads_through_the_one_reader(redirected: Path) -> None:
     study = optuna.create_study(direction="maximize")
     trial = study.ask()
-    OptunaSweeper._tell(None, study, trial, redirected, None)
+    tell_from_job(study, trial, redirected)
     (done,) = study.get_trials()
     assert done.value == 98.0 and done.user_attrs["final_test_acc"] == 99.0
 

@@ -1,0 +1,37 @@
+"""SIGTERM stops a run or a search worker as Ctrl-C does: the code it interrupts records what it was doing.
+
+``scancel``, ``scontrol requeue``, a batch system's preemption and ``kill`` send SIGTERM; Python's
+default would end the process on the spot, leaving a run "running" and a trial RUNNING. Imports
+nothing heavy, so the sweeper uses it without loading the training code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM: handled like Ctrl-C — stop, keep the last epoch's checkpoint, say how to resume."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """While the block runs, SIGTERM raises :class:`RunInterrupted` where the main thread is, as Ctrl-C does.
+
+    Signal handlers can only be set from the main thread; elsewhere (a thread-based launcher) the
+    block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise RunInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,219 @@
+"""Search workers: each runs Optuna's loop itself, against the storage all of them share.
+
+The sweeper (:mod:`normsweep.sweeper`) prepares the studies of a search, then starts
+``search.workers`` worker jobs through whichever Hydra launcher is configured (``basic``: one, in
+its own process; ``joblib``: processes on this machine; ``submitit_local``: processes;
+``submitit_slurm``: the tasks of one array job). Every worker, on its own:
+
+1. takes a trial slot (:func:`normsweep.search.take_trial`: count and ask under the cross-worker
+   lock, so that all workers together run exactly ``search.n_trials`` per study);
+2. runs the trial's job in its own process, as Hydra's basic launcher would (``run_job``, job
+   directory ``<sweep dir>/<study>/trial_<number>``): the job reports each epoch's validation
+   accuracy to the study and stops when the pruner says so, while a thread records heartbeats;
+3. tells the study the outcome and takes the next slot at once: no worker waits for another.
+
+With a grid (``norm=batch,group,layer``) every worker serves every study, round robin, each worker
+starting at its own study: ``search.workers`` is the parallelism paid for (cores, GPUs, array
+tasks), so no worker idles while any study has a free slot, a study that prunes a lot hands its
+workers to the others, and each study's trials are spread out in time, so TPE proposes each with
+as many finished trials to learn from as the parallelism allows.
+
+A worker stopped by a signal (Ctrl-C, SIGTERM: ``scancel``, preemption, ``scontrol requeue``)
+fails its running trial and frees its slot (:func:`normsweep.search.free_slot`); one killed
+outright leaves it RUNNING until the heartbeat rule fails it. Either way the trial's parameters
+are enqueued again and run in the same job directory, resuming from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobStatus, configure_log, run_job
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+from . import trial_hook
+from .config import SearchConfig, register_configs
+from .results import RESULTS_FILE, RunRecord
+from .search import JOB_SUBDIR_ATTR, SearchError, free_slot, heartbeat, search_config, take_trial
+from .signals import sigterm_interrupts
+from .storage import open_storage, resolve_storage, storage_file, trial_slot_lock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """One study of a search and the overrides of its trials' jobs (the command's fixed ones and its grid point)."""
+
+    name: str
+    overrides: tuple[str, ...]
+
+
+def trial_hook_for(trial: optuna.Trial) -> trial_hook.TrialHook:
+    """The hook a job reports its epochs to: Optuna's pruner decides, ``RunPruned`` stops the job."""
+
+    def report(epoch: int, val_acc: float) -> None:
+        trial.report(val_acc, epoch)
+        if trial.should_prune():
+            raise trial_hook.RunPruned(f"pruned after epoch {epoch} (validation accuracy {val_acc:.2f}%)")
+
+    return trial_hook.TrialHook(trial.number, report)
+
+
+def open_shared_storage(spec: str, sweeper_host: str):
+    """The storage as this worker sees it; a storage file the sweeper made but this machine lacks is a clear error.
+
+    The sweeper creates the file (journal or SQLite) before it starts the workers, so a worker that
+    does not find it runs on a machine that does not share that filesystem; opening it anyway would
+    start a separate, empty study there.
+    """
+    path = storage_file(spec)
+    if path is not None and not path.exists():
+        raise SearchError(
+            f"search.storage={spec}: {path} does not exist on {socket.gethostname()}, where this search worker runs "
+            f"(the sweeper created it on {sweeper_host}). Every worker must reach the storage: put the journal file on "
+            f"a filesystem all nodes share (search.storage=journal:/shared/path/search.journal), or use a database "
+            f"server (search.storage=postgresql+psycopg://user@host:5432/db)"
+        )
+    return open_storage(spec)
+
+
+def load_studies(storage, spec: str, plans: list[StudyPlan], pruner: optuna.pruners.BasePruner) -> list[optuna.Study]:
+    """The studies the sweeper created; one missing means this worker sees another storage than the sweeper."""
+    studies = []
+    for plan in plans:
+        try:
+            studies.append(optuna.load_study(study_name=plan.name, storage=storage, pruner=pruner))
+        except KeyError:  # a file at the same path, but not the sweeper's (a node-local disk)
+            where = f"={spec}" if storage_file(spec) else " (its URL is in your config)"  # never print a server's URL
+            raise SearchError(
+                f"search.storage{where} has no study {plan.name} on {socket.gethostname()}, where this search worker "
+                f"runs, though the sweeper created it: this machine sees another storage than the sweeper. Put the "
+                f"journal file on a filesystem all nodes share, or use a database server all nodes reach"
+            ) from None
+    return studies
+
+
+def tell_from_job(study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Path]) -> optuna.trial.TrialState:
+    """Tell the study how the trial's job went, from the ``results.json`` it wrote."""
+    state, value, error = optuna.trial.TrialState.FAIL, None, "no results.json"
+    res: Optional[RunRecord] = None
+    if job_dir and (job_dir / RESULTS_FILE).exists():
+        res = RunRecord.read(job_dir)
+        error = res.error
+        if res.status == "completed" and res.final_val_acc is not None:
+            state, value = optuna.trial.TrialState.COMPLETE, float(res.final_val_acc)
+        elif res.status == "pruned":
+            state = optuna.trial.TrialState.PRUNED
+    if job_dir:
+        trial.set_user_attr("job_dir", str(job_dir))
+    trial.set_user_attr("epochs_completed", res.epochs_completed if res else None)
+    if res and res.final_test_acc is not None:
+        trial.set_user_attr("final_test_acc", res.final_test_acc)
+    if state == optuna.trial.TrialState.FAIL:
+        trial.set_user_attr("error", (error or "unknown error").splitlines()[0])
+        log.warning("trial %d failed: %s", trial.number, error)
+    study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+    return state
+
+
+class SearchWorker:
+    """What a worker job runs: a picklable task function the sweeper hands to the launcher.
+
+    It holds what a launcher holds (Hydra's context, the training task function, the sweep's
+    config), so each trial's job is composed and run exactly as a launched job would be. The
+    ``search`` settings and the storage are read from that config where the worker runs, so a
+    password given as ``${oc.env:VAR}`` is resolved there and never pickled with the job.
+    """
+
+    def __init__(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig, dims: dict,
+                 pruner: optuna.pruners.BasePruner, plans: list[StudyPlan]) -> None:  # fmt: skip
+        self.hydra_context = hydra_context
+        self.task_function = task_function  # the training job, run once per trial
+        self.config = config  # the sweep's config: each trial's job config is composed from it
+        self.dims, self.pruner, self.plans = dims, pruner, plans
+        self.launch_dir = str(config.hydra.runtime.cwd)  # trials resolve relative paths from here, as launched jobs do
+        self.sweeper_host = socket.gethostname()
+
+    def __call__(self, job_cfg: DictConfig) -> dict[str, Any]:
+        """The worker job: serve the studies until none has a free slot."""
+        return self.serve(int(HydraConfig.get().job.num))
+
+    def serve(self, index: int) -> dict[str, Any]:
+        started = time.time()
+        register_configs()  # in a fresh worker process too: the launcher presets' warning filter
+        cfg = search_config(self.config)
+        spec = resolve_storage(cfg.storage, Path(self.launch_dir))
+        storage = open_shared_storage(spec, self.sweeper_host)
+        studies = load_studies(storage, spec, self.plans, self.pruner)
+        pairs = list(zip(self.plans, studies))
+        queue = deque(pairs[index % len(pairs):] + pairs[: index % len(pairs)])  # fmt: skip
+        # The worker's own log, restored after each trial's job has configured its own.
+        worker_logging = HydraConfig.get() if HydraConfig.initialized() else None
+        ran: list[int] = []
+        busy = 0.0
+        log.info("search worker %d (%s:%d) serving %d studies from %s", index, socket.gethostname(), os.getpid(),
+                 len(pairs), queue[0][0].name)  # fmt: skip
+        with sigterm_interrupts():
+            while queue:
+                plan, study = queue.popleft()
+                trial = take_trial(study, spec, cfg, self.dims)
+                if trial is None:  # this study has its trials (or failed too often): serve the others
+                    continue
+                queue.append((plan, study))
+                t0 = time.time()
+                try:
+                    self.run_trial(study, trial, plan, cfg, spec)
+                finally:
+                    busy += time.time() - t0
+                    if worker_logging is not None:
+                        configure_log(worker_logging.job_logging, worker_logging.verbose)
+                ran.append(trial.number)
+        total = time.time() - started
+        log.info("search worker %d: %d trials in %.0f s, %.1f s of it outside trial jobs", index, len(ran), total,
+                 total - busy)  # fmt: skip
+        return {"worker": index, "trials": len(ran), "seconds": total, "seconds_outside_trials": total - busy}
+
+    def run_trial(self, study: optuna.Study, trial: optuna.Trial, plan: StudyPlan, cfg: SearchConfig, spec: str) -> None:
+        """Run ``trial``'s job with pruning and heartbeats, and tell the study its outcome."""
+        subdir = trial.user_attrs.get(JOB_SUBDIR_ATTR) or f"{study.study_name}/trial_{trial.number}"
+        trial.set_user_attr(JOB_SUBDIR_ATTR, subdir)
+        overrides = [*plan.overrides, *(f"{k}={v}" for k, v in trial.params.items()), f"hydra.sweep.subdir={subdir}"]
+        trial_hook.ACTIVE = trial_hook_for(trial)
+        cwd = os.getcwd()
+        try:
+            with heartbeat(study, trial, cfg.heartbeat_interval):
+                os.chdir(self.launch_dir)
+                config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+                with open_dict(config):
+                    config.hydra.job.id = config.hydra.job.num = trial.number
+                ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
+                              job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
+        except Exception as e:  # the job could not be composed or started: this trial's own failure
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}".splitlines()[0])
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            log.warning("trial %d failed before its job ran: %s", trial.number, e)
+            return
+        except BaseException as e:  # Ctrl-C, SIGTERM, SystemExit: the worker stops; the trial is not to blame
+            with trial_slot_lock(spec, study.study_name):
+                frozen = study._storage.get_trial(trial._trial_id)
+                if frozen.state == optuna.trial.TrialState.RUNNING:
+                    free_slot(study, frozen, f"worker stopped ({type(e).__name__}: {e or 'Ctrl-C'}) during the trial; "
+                                             f"its slot is free and its parameters run again")  # fmt: skip
+            raise
+        finally:
+            trial_hook.ACTIVE = None
+            os.chdir(cwd)
+        if ret.status == JobStatus.FAILED:  # the task function raised (run() has recorded why in results.json)
+            log.warning("trial %d: job raised %r", trial.number, ret._return_value)
+        tell_from_job(study, trial, Path(self.launch_dir, ret.working_dir) if ret.working_dir else None)

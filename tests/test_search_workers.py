@@ -1,0 +1,240 @@
+"""Search workers started through a launcher (search.workers): each runs Optuna's loop with pruning.
+
+The end-to-end tests go through ``hydra/launcher=joblib``; the same workers on a real Slurm are in
+``tests/test_slurm.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from normsweep.config import SearchConfig
+from normsweep.search import HEARTBEAT_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, take_trial, uses_slot
+from normsweep.storage import open_storage, storage_file
+from normsweep.worker import SearchWorker, StudyPlan, load_studies, open_shared_storage
+
+from .conftest import REPO, small_data_args
+from .slurm_cluster import wait_for
+from .test_scale_out import normsweep
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+State = optuna.trial.TrialState
+DIMS = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+
+
+def all_trials(spec: str) -> list[optuna.trial.FrozenTrial]:
+    """The trials of the one study in ``spec``."""
+    storage = open_storage(spec)
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+
+
+def overlapping(trials: list[optuna.trial.FrozenTrial]) -> bool:
+    """Whether two trials of different workers ran at the same time."""
+    return any(a.user_attrs["worker"] != b.user_attrs["worker"] and a.datetime_start < b.datetime_complete
+               and b.datetime_start < a.datetime_complete for a, b in itertools.combinations(trials, 2))  # fmt: skip
+
+
+def running_past_epoch_2(first: subprocess.Popen, log: Path, spec: str, n: int) -> list[optuna.trial.FrozenTrial]:
+    """Wait until ``n`` trials are RUNNING with two epochs reported (a checkpoint to resume from); the search goes on."""
+
+    def running():
+        assert first.poll() is None, log.read_text()[-3000:]
+        if not storage_file(spec).exists():
+            return None
+        found = [t for t in all_trials(spec) if t.state == State.RUNNING and len(t.intermediate_values) >= 2]
+        return found if len(found) == n else None
+
+    return wait_for(running, 300, f"{n} trials running past their second epoch", 0.2)
+
+
+def check_retried_from_checkpoint(trials: dict[int, optuna.trial.FrozenTrial], stopped: optuna.trial.FrozenTrial,
+                                  sweep: Path) -> optuna.trial.FrozenTrial:  # fmt: skip
+    """``stopped``'s slot ran again: its parameters, in its job directory, resumed from its checkpoint, completed."""
+    (retry,) = [t for t in trials.values() if t.user_attrs.get("retry_of") == stopped.number]
+    assert retry.state == State.COMPLETE and retry.params == stopped.params
+    job_dir = Path(retry.user_attrs["job_dir"])
+    assert job_dir == sweep / stopped.user_attrs[JOB_SUBDIR_ATTR]
+    assert "resuming from checkpoint.pt after epoch" in (job_dir / "normsweep.log").read_text()
+    return retry
+
+
+# ------------------------------------------------------------------ the worker loop, in-process
+
+
+def test_a_worker_serves_every_study_round_robin_from_its_own_and_stops_at_n_trials(tmp_path: Path, monkeypatch) -> None:
+    spec = f"journal:{tmp_path / 's.journal'}"
+    storage = open_storage(spec)
+    names = ["study-a", "study-b", "study-c"]
+    for name in names:
+        optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    served: list[str] = []
+
+    def run_trial(self, study, trial, plan, cfg, spec) -> None:  # no job: tell at once what was asked
+        served.append(plan.name)
+        study.tell(trial, trial.params["x"])
+
+    monkeypatch.setattr(SearchWorker, "run_trial", run_trial)
+    config = OmegaConf.create({"search": {"n_trials": 2, "storage": spec}, "hydra": {"runtime": {"cwd": str(tmp_path)}}})
+    worker = SearchWorker(hydra_context=None, task_function=None, config=config, dims=DIMS,
+                          pruner=optuna.pruners.NopPruner(), plans=[StudyPlan(n, ()) for n in names])  # fmt: skip
+    done = worker.serve(index=4)  # worker 4 of a grid of 3 starts at study 4 % 3
+    assert served == ["study-b", "study-c", "study-a"] * 2 and done["trials"] == 6
+    assert worker.serve(index=0)["trials"] == 0  # a worker started later finds every slot used
+    for name in names:
+        assert len(optuna.load_study(study_name=name, storage=storage).get_trials()) == 2
+
+
+def test_a_worker_that_cannot_see_the_storage_file_says_so_naming_search_storage(tmp_path: Path) -> None:
+    missing = f"journal:{tmp_path / 'on-the-login-node' / 'study.journal'}"
+    with pytest.raises(SearchError, match=r"search.storage=journal:.*does not exist on .*login-node-1.*filesystem all nodes share"):
+        open_shared_storage(missing, sweeper_host="login-node-1")
+    assert not (tmp_path / "on-the-login-node").exists()  # nothing created where the worker runs
+    # A file at the same path that is not the sweeper's (a node-local disk): the study is not in it.
+    other = f"journal:{tmp_path / 'local.journal'}"
+    optuna.create_study(study_name="someone-else", storage=open_storage(other))
+    with pytest.raises(SearchError, match=r"search.storage=journal:.* has no study normsweep-batch-1"):
+        load_studies(open_shared_storage(other, "login-node-1"), other, [StudyPlan("normsweep-batch-1", ())],
+                     optuna.pruners.NopPruner())  # fmt: skip
+
+
+def test_a_stopped_trial_frees_its_slot_and_its_parameters_run_again_in_its_job_directory(tmp_path: Path) -> None:
+    spec = f"journal:{tmp_path / 's.journal'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(spec), direction="maximize")
+    cfg = SearchConfig(n_trials=2)
+    first = take_trial(study, spec, cfg, DIMS)
+    first.set_user_attr(JOB_SUBDIR_ATTR, "s/trial_0")
+    first.report(0.25, 1)
+    second = take_trial(study, spec, cfg, DIMS)
+    assert take_trial(study, spec, cfg, DIMS) is None  # both slots used
+
+    free_slot(study, study._storage.get_trial(first._trial_id), "worker stopped (SIGTERM)")
+    stopped = study._storage.get_trial(first._trial_id)
+    assert stopped.state == State.FAIL and not uses_slot(stopped) and stopped.user_attrs["error"] == "worker stopped (SIGTERM)"
+    retry = take_trial(study, spec, cfg, DIMS)  # the freed slot, with the stopped trial's parameters
+    assert retry is not None and retry.number not in (first.number, second.number)
+    assert retry.params == first.params and retry.user_attrs["retry_of"] == first.number
+    assert retry.user_attrs[JOB_SUBDIR_ATTR] == "s/trial_0"
+    assert take_trial(study, spec, cfg, DIMS) is None  # exactly n_trials again
+
+
+def test_a_job_gets_its_workers_share_of_the_cores(monkeypatch) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from normsweep import runtime
+    from normsweep.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4"], return_hydra_config=True)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert runtime.job_threads(None) == 2  # 8 cores, 4 jobs at a time
+        assert runtime.job_threads(None, jobs_at_once=2) == 4  # only the search's 2 workers run: 4 threads each
+        assert runtime.job_threads(3, jobs_at_once=2) == 3  # trainer.threads wins
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_more_than_one_worker_needs_a_launcher_that_runs_jobs_in_parallel(tmp_path: Path) -> None:
+    journal = tmp_path / "study.journal"
+    proc = normsweep("search=optuna", "search.workers=2", f"search.storage=journal:{journal}",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
+    assert proc.returncode != 0
+    assert "search.workers=2 needs a launcher that runs jobs in parallel: hydra/launcher=joblib" in proc.stderr
+    assert not journal.exists()  # refused before any study was made
+
+
+# ------------------------------------------------------------------ workers through joblib
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory) -> list[str]:
+    return [*small_data_args(tmp_path_factory), "trainer.progress=false"]
+
+
+def joblib_workers(tmp_path: Path, *args: str) -> list[str]:
+    return ["search=optuna", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "search.workers=2",
+            f"search.storage=journal:{tmp_path / 'study.journal'}", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_joblib_workers_prune_inside_and_run_exactly_n_trials_together(tmp_path: Path, data_args) -> None:
+    args = joblib_workers(tmp_path, "search.n_trials=6", "search.pruner=threshold", "search.prune_below=99",
+                          "trainer.epochs=3", *data_args)  # fmt: skip
+    proc = normsweep(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = all_trials(f"journal:{tmp_path / 'study.journal'}")
+    # Pruned inside the workers: each reported its first epoch to the study and stopped there.
+    assert len(trials) == 6 and all(t.state == State.PRUNED for t in trials)
+    assert all(list(t.intermediate_values) == [1] and t.user_attrs["epochs_completed"] == 1 for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2
+    assert overlapping(trials), [(t.user_attrs["worker"], t.datetime_start, t.datetime_complete) for t in trials]
+    sweep = tmp_path / "sweep"
+    for t in trials:  # one job directory per trial, <sweep dir>/<study>/trial_<number>
+        job = Path(t.user_attrs["job_dir"])
+        assert job.parent.parent == sweep and job.name == f"trial_{t.number}"
+        res = json.loads((job / "results.json").read_text())
+        assert res["status"] == "pruned" and res["trial"] == t.number
+        assert res["device"] == f"cpu ({max(1, len(os.sched_getaffinity(0)) // 2)} threads)"  # its worker's share
+    assert [p.relative_to(sweep) for p in sweep.rglob("optimization_results.md")] == [Path("optimization_results.md")]
+    table = pd.read_csv(sweep / "results.csv")
+    assert len(table) == 6 and set(table["status"]) == {"pruned"}
+
+    again = normsweep(*args)  # the same command: every slot is used, nothing runs
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(all_trials(f"journal:{tmp_path / 'study.journal'}")) == 6
+
+
+@pytest.mark.slow
+def test_a_sigterm_d_worker_frees_its_trial_and_the_same_command_resumes_every_trial_from_its_checkpoint(
+    tmp_path: Path, data_args
+) -> None:
+    spec = f"journal:{tmp_path / 'study.journal'}"
+    args = joblib_workers(tmp_path, "search.n_trials=2", "search.pruner=none", "search.heartbeat_interval=0.5",
+                          "search.grace_period=8", "trainer.epochs=20", *data_args)  # fmt: skip
+    log = tmp_path / "first.log"
+    first = subprocess.Popen([sys.executable, "-m", "normsweep", "-m", *args], cwd=REPO, stdout=log.open("w"),
+                             stderr=subprocess.STDOUT)  # fmt: skip
+    running = running_past_epoch_2(first, log, spec, 2)
+    victim = running[0]
+    os.kill(int(victim.user_attrs["worker"].split(":")[1]), signal.SIGTERM)  # as scancel / a preemption would
+    first.wait(timeout=300)  # joblib stops the sweep, ending the other worker at once (SIGKILL)
+    trials = {t.number: t for t in all_trials(spec)}
+    stopped = trials[victim.number]
+    assert stopped.state == State.FAIL and not uses_slot(stopped), stopped
+    assert stopped.user_attrs["error"].startswith("worker stopped (RunInterrupted: stopped by signal SIGTERM)")
+    job = tmp_path / "sweep" / stopped.user_attrs[JOB_SUBDIR_ATTR]
+    assert json.loads((job / "results.json").read_text())["status"] == "interrupted"
+
+    # The other worker's trial (RUNNING, its worker gone) goes stale once search.grace_period has passed.
+    other = trials[running[1].number]
+    if other.state == State.RUNNING:
+        wait_for(lambda: time.time() - other.system_attrs[HEARTBEAT_ATTR] > 8, 60, "the dead worker's trial to go stale")
+    again = normsweep(*args)  # the same command
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trials = {t.number: t for t in all_trials(spec)}
+    counted = [t for t in trials.values() if uses_slot(t)]
+    assert len(counted) == 2, [(t.number, t.state) for t in trials.values()]
+    for stopped in (victim, other):
+        retry = check_retried_from_checkpoint(trials, stopped, tmp_path / "sweep")
+        assert retry in counted
+        res = json.loads((Path(retry.user_attrs["job_dir"]) / "results.json").read_text())
+        assert res["status"] == "completed" and [e["epoch"] for e in res["history"]] == list(range(1, 21))
+        assert sorted(retry.intermediate_values) == list(range(1, 21))  # its checkpoint's epochs, then its own
+    assert set(pd.read_csv(tmp_path / "sweep" / "results.csv")["status"]) == {"completed"}  # the table is whole again
