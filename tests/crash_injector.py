@@ -1,4 +1,4 @@
-"""Loaded into a normsweep process (as ``sitecustomize``) to SIGKILL it at one exact point of a write.
+"""Loaded into a normsweep process (as ``sitecustomize``) to kill it at an exact point of a write or of training.
 
 ``NORMSWEEP_TEST_KILL_AT=NAME:N:STAGE`` kills the process during its N-th atomic write of the file
 called NAME (``results.json``, ``checkpoint.pt``, ``model.pt``, or a prefix such as ``cifar10-``
@@ -18,6 +18,19 @@ its first half on disk, as a write stopped part-way leaves it, before its fsync;
 
 The kill is a real ``SIGKILL`` of the process by itself: no handler, no ``finally`` block runs.
 Nothing here is imported by normsweep; tests put this file on ``PYTHONPATH`` as sitecustomize.py.
+
+``NORMSWEEP_TEST_KILL_AT=step:N:STAGE`` acts at the process's N-th training step (the optimizer's
+step, counted over the process's life, through every job of a multirun), at STAGE:
+
+* ``kill`` - the kill, as above;
+* ``park`` - training stops there for good: other threads (a trial's heartbeats) run on, and a
+             signal's handler still runs (SIGTERM's raises out of the step); the test does what it
+             tests to this live run, then kills it;
+* ``hold`` - as ``park``, until the test releases every held process (:func:`release`).
+
+A parked or held process says so with a file in ``NORMSWEEP_TEST_PARK_DIR`` (:func:`wait_parked`).
+Kill and park points are progress, not time: they land in a live run however fast the machine is.
+The functions at the end are the tests' side.
 """
 
 import errno
@@ -80,3 +93,93 @@ if _spec:
         return _real_replace(src, dst, *args, **kwargs)
 
     os.fsync, os.replace = fsync, replace
+
+
+# ------------------------------------------------------------------ progress points: training steps
+
+KILL_AT_VAR, PARK_DIR_VAR = "NORMSWEEP_TEST_KILL_AT", "NORMSWEEP_TEST_PARK_DIR"
+RELEASE = "release"  # in the park directory: held processes go on
+
+
+def _parked_file(park_dir, pid: int) -> str:  # noqa: ANN001
+    return os.path.join(park_dir, f"parked.{pid}")
+
+
+if _spec and _name == "step":
+    import time
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook  # normsweep imports torch anyway
+
+    assert _stage in ("kill", "park", "hold"), f"{KILL_AT_VAR}={_spec}: a step's stage is kill, park or hold"
+    _steps = 0
+
+    def _at_step(optimizer, args, kwargs) -> None:  # noqa: ANN001 - torch's optimizer step pre-hook
+        global _steps
+        _steps += 1
+        if _steps != _n:
+            return
+        if _stage == "kill":
+            _die()
+        park_dir = os.environ[PARK_DIR_VAR]
+        open(_parked_file(park_dir, os.getpid()), "w").close()
+        while _stage == "park" or not os.path.exists(os.path.join(park_dir, RELEASE)):
+            time.sleep(0.05)  # interruptible: a signal's handler runs
+
+    register_optimizer_step_pre_hook(_at_step)
+
+
+# ------------------------------------------------------------------ the tests' side
+
+
+def injector_dir(tmp_path):  # noqa: ANN001, ANN201 - pathlib is not imported into every child
+    """``tmp_path/injector``, holding this file as ``sitecustomize.py``: the ``PYTHONPATH`` that loads it.
+
+    It is also the park directory of the processes started with :func:`env`.
+    """
+    import shutil
+    from pathlib import Path
+
+    d = Path(tmp_path) / "injector"
+    d.mkdir(exist_ok=True)
+    shutil.copy(__file__, d / "sitecustomize.py")
+    return d
+
+
+def env(shim, spec: str) -> dict:  # noqa: ANN001
+    """``os.environ`` for a process that loads the injector from ``shim`` (:func:`injector_dir`) with ``spec``."""
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**base, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(shim), KILL_AT_VAR: spec, PARK_DIR_VAR: str(shim)}
+
+
+def wait_parked(proc, shim, timeout: float = 600, log=None) -> None:  # noqa: ANN001
+    """Wait until ``proc``, started with ``env(shim, "step:N:park")`` (or ``hold``), is parked; fail if it ends first.
+
+    The wait is on the process's progress; ``timeout`` only bounds a hang. The failure shows the
+    process's output: its stdout pipe's, or the file ``log``'s.
+    """
+    from .slurm_cluster import wait_for
+
+    def parked() -> bool:
+        if proc.poll() is not None:
+            out = proc.communicate()[0] if proc.stdout else (open(log).read() if log else "")
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before its park point:\n{out[-3000:]}")
+        return os.path.exists(_parked_file(shim, proc.pid))
+
+    wait_for(parked, timeout, "the process's park point", interval=0.05)
+
+
+def release(shim) -> None:  # noqa: ANN001
+    """Let every process held at a ``step:N:hold`` point in ``shim`` go on."""
+    open(os.path.join(shim, RELEASE), "w").close()
+
+
+def steps_per_epoch(images: int, args) -> int:  # noqa: ANN001
+    """The training steps of an epoch of a run on ``images`` images, with the CLI overrides ``args``.
+
+    ``args`` must set ``data.val_size`` (held out of the ``images``) and ``trainer.batch_size``.
+    """
+    from normsweep.train import images_per_epoch
+
+    given = dict(a.split("=", 1) for a in args if "=" in a)
+    batch = int(given["trainer.batch_size"])
+    return -(-images_per_epoch(images - int(given["data.val_size"]), batch) // batch)

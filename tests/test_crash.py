@@ -1,13 +1,14 @@
 """Crash consistency: SIGKILL at any instant loses at most the current epoch and corrupts nothing.
 
 A real CLI run (and a real multirun) is killed with SIGKILL twenty times in a row, each time
-followed by the same command, which resumes. Some kills come at random moments; the others at
-exact points of a file write (``tests/crash_injector.py``, loaded into the process as
-``sitecustomize``): half of a temporary file on disk, a complete temporary file not yet renamed,
-a rename not yet synced, for ``checkpoint.pt``, ``results.json``, ``model.pt`` and the data cache.
-After every kill each file there is readable, at most one temporary file (the last kill's) is
-left, and the finished run's ``results.json``, model and predictions are identical to those of
-an uninterrupted run with the same seed.
+followed by the same command, which resumes. Every kill lands at a point of progress, never after
+a wait (``tests/crash_injector.py``, loaded into the process as ``sitecustomize``), so each lands
+in a live run however fast the machine is: a random training step, or an exact point of a file
+write: half of a temporary file on disk, a complete temporary file not yet renamed, a rename not
+yet synced, for ``checkpoint.pt``, ``results.json``, ``model.pt``, the data cache and the sweep's
+report. After every kill each file there is readable, at most one temporary file (the last
+kill's) is left, and the finished run's ``results.json``, model and predictions are identical to
+those of an uninterrupted run with the same seed, which runs alongside.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,15 @@ import pytest
 import torch
 
 from normsweep import data, results
+from normsweep.data import CLASSES
 from normsweep.resume import config_differences
 from normsweep.train import load_checkpoint
 
 from .conftest import REPO, write_folder_dataset
+from .crash_injector import env, injector_dir, steps_per_epoch
 
-INJECTOR = Path(__file__).with_name("crash_injector.py")
 STAGES = ("mid-write", "before-rename", "after-rename")
+PER_CLASS = 20  # training images per class: 200 in all, 100 of them held out for validation
 # What differs between two runs of one seed: wall time, process, memory, and where the files went.
 VOLATILE = {"train_seconds", "seconds_per_epoch", "peak_memory_mb", "started_at", "finished_at", "pid", "config",
             "overrides", "data_root"}  # fmt: skip
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return write_folder_dataset(tmp_path_factory.mktemp("data") / "cifar", n_train=30, n_test=5)
+    return write_folder_dataset(tmp_path_factory.mktemp("data") / "cifar", n_train=PER_CLASS, n_test=5)
 
 
 def run_args(dataset: Path, cache: Path, *extra: str) -> list[str]:
@@ -52,19 +53,30 @@ def run_args(dataset: Path, cache: Path, *extra: str) -> list[str]:
             "model.dropout=0.1", "norm.ws=true", "trainer.ema_decay=0.9", *extra]  # fmt: skip
 
 
-def start(args: list[str], sitecustomize: Path | None = None, kill_at: str | None = None) -> subprocess.Popen:
-    env = {"PYTHONUNBUFFERED": "1", **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}}
-    if kill_at:
-        env["PYTHONPATH"], env["NORMSWEEP_TEST_KILL_AT"] = str(sitecustomize), kill_at
+def start(args: list[str], shim: Path | None = None, kill_at: str | None = None) -> subprocess.Popen:
+    """``python -m normsweep ARGS``; with ``kill_at``, the injector in ``shim`` kills it there."""
     cmd = [sys.executable, "-m", "normsweep", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    plain = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONUNBUFFERED": "1"}
+    environ = env(shim, kill_at) if kill_at else plain
+    return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def injector_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "injector"
-    d.mkdir()
-    shutil.copy(INJECTOR, d / "sitecustomize.py")
-    return d
+def kill(args: list[str], shim: Path, kill_at: str) -> None:
+    """Run the command until the injector kills it at ``kill_at``; fail if it ended otherwise."""
+    proc = start(args, shim, kill_at)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == -signal.SIGKILL, f"the kill at {kill_at} did not happen:\n{out[-3000:]}"
+
+
+def epochs_done(run_dir: Path) -> int:
+    """The epochs the run's checkpoint holds (0 without one)."""
+    state = run_dir / results.TRAINING_STATE_FILE
+    return load_checkpoint(state)["epoch"] if state.exists() else 0
+
+
+def completed(run_dir: Path) -> bool:
+    record = run_dir / results.RESULTS_FILE
+    return record.exists() and json.loads(record.read_text())["status"] == "completed"
 
 
 def temp_files(*dirs: Path) -> list[Path]:
@@ -101,86 +113,84 @@ def assert_same_run(crashed: Path, reference: Path) -> None:
     assert not (crashed / results.TRAINING_STATE_FILE).exists()
 
 
+def finish(proc: subprocess.Popen) -> None:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+
+
 def test_twenty_kills_of_one_run_lose_nothing_and_the_result_is_that_of_an_uninterrupted_run(
     tmp_path: Path, dataset: Path
 ) -> None:
-    epochs = ("trainer.epochs=30", "budget.enforce=false")  # 30 short epochs: room for twenty kills
+    n = 16  # epochs: room for the kills before the last three, each of which keeps one epoch at most
+    epochs = (f"trainer.epochs={n}", "budget.enforce=false")
     reference = tmp_path / "reference"
-    t0 = time.monotonic()
-    ref = start([*run_args(dataset, tmp_path / "ref-cache", *epochs), f"hydra.run.dir={reference}"])
-    assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
-    wall = time.monotonic() - t0
-    per_epoch = wall / 30  # an upper bound: includes the start-up
+    ref = start([*run_args(dataset, tmp_path / "ref-cache", *epochs), f"hydra.run.dir={reference}"])  # alongside
 
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     args = [*run_args(dataset, cache, *epochs), f"hydra.run.dir={run_dir}"]
+    steps = steps_per_epoch(len(CLASSES) * PER_CLASS, args)
     shim = injector_dir(tmp_path)
+    rng = random.Random(0)
     at_writes = iter([f"checkpoint.pt:1:{s}" for s in STAGES] + [f"results.json:2:{s}" for s in STAGES])
     plan = (
         [f"cifar10-:1:{s}" for s in STAGES]  # the data cache, while it does not exist yet
         + [next(at_writes) if i % 2 else "random" for i in range(12)]  # random, checkpoint, random, results, ...
-        + ["random", "random", "random"]
+        + ["random", "random", "last checkpoint"]
         + ["model.pt:1:mid-write", "model.pt:1:after-rename"]  # the last writes of a run
     )
     assert len(plan) == 20
-    rng = random.Random(0)
-    killed_at_random = 0
-    for step, how in enumerate(plan):
-        if how == "random":
-            proc = start(args)
-            try:
-                proc.wait(timeout=rng.uniform(0.5, 6 + 2 * per_epoch))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                killed_at_random += 1
-            out = proc.communicate(timeout=60)[0]
-        else:
-            proc = start(args, shim, kill_at=how)
-            out = proc.communicate(timeout=600)[0]
-            assert proc.returncode == -signal.SIGKILL, f"kill {step} ({how}) did not happen:\n{out[-3000:]}"
-        assert proc.returncode in (0, -signal.SIGKILL), out[-3000:]
+    points = {
+        "random": lambda: f"step:{rng.randint(1, 2 * steps)}:kill",  # a step of the next two epochs
+        "last checkpoint": lambda: f"checkpoint.pt:{n - epochs_done(run_dir)}:after-rename",
+    }
+    for how in plan:
+        kill(args, shim, points[how]() if how in points else how)
         check_every_file_is_readable([run_dir], cache)
         assert len(temp_files(run_dir, cache)) <= 1, temp_files(run_dir, cache)  # they do not pile up
-    assert killed_at_random >= 6, "most random kills should land in a live run"
+        if how == "last checkpoint":  # every epoch is in the checkpoint, results.json does not count the last
+            assert epochs_done(run_dir) == n
+            assert json.loads((run_dir / results.RESULTS_FILE).read_text())["epochs_completed"] == n - 1
 
-    last = start(args)
-    out = last.communicate(timeout=600)[0]
-    assert last.returncode == 0, out[-3000:]
+    finish(start(args))
+    finish(ref)
     assert_same_run(run_dir, reference)
     assert temp_files(run_dir, cache) == [], temp_files(run_dir, cache)
     assert len(list(cache.glob("cifar10-*.pt"))) == 1
 
 
 def test_kills_inside_and_between_the_jobs_of_a_multirun_lose_nothing(tmp_path: Path, dataset: Path) -> None:
-    sweep = ("-m", "norm=batch,layer", "trainer.epochs=6")
+    jobs, epochs = 2, 6
+    sweep = ("-m", "norm=batch,layer", f"trainer.epochs={epochs}")
     reference = tmp_path / "reference"
-    t0 = time.monotonic()
-    ref = start([*sweep, *run_args(dataset, tmp_path / "ref-cache"), f"hydra.sweep.dir={reference}"])
-    assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
-    wall = time.monotonic() - t0
+    ref = start([*sweep, *run_args(dataset, tmp_path / "ref-cache"), f"hydra.sweep.dir={reference}"])  # alongside
 
     crashed, cache = tmp_path / "sweep", tmp_path / "cache"
     args = [*sweep, *run_args(dataset, cache), f"hydra.sweep.dir={crashed}"]
+    steps = steps_per_epoch(len(CLASSES) * PER_CLASS, args)
+    shim = injector_dir(tmp_path)
     rng = random.Random(1)
-    kills = 0
-    for _ in range(10):  # random moments over a whole sweep: inside a job, between jobs, in the report
-        proc = start(args)
-        try:
-            proc.wait(timeout=rng.uniform(0.5, wall))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        out = proc.communicate(timeout=60)[0]
-        assert proc.returncode in (0, -signal.SIGKILL), out[-3000:]
+
+    def kill_point(where: str) -> str:
+        job_dirs = [d for d in crashed.glob("*") if d.is_dir()]
+        finished = sum(completed(d) for d in job_dirs)
+        steps_left = (jobs * epochs - finished * epochs - sum(epochs_done(d) for d in job_dirs)) * steps
+        if where == "inside a job":  # a random step of the next two epochs, in whichever job they are
+            return f"step:{rng.randint(1, min(2 * steps, steps_left))}:kill"
+        if where == "between jobs":  # the last job starts (writes its summary): the others are done
+            return f"{results.SUMMARY_FILE}:{jobs - finished}:{rng.choice(STAGES)}"
+        return f"{rng.choice(['results.csv', 'results.md'])}:1:{rng.choice(STAGES)}"  # in the report
+
+    inside, between, report = "inside a job", "between jobs", "in the report"
+    for where in [inside, inside, between, inside, inside, inside, between, inside, report, report]:
+        kill(args, shim, kill_point(where))
         check_every_file_is_readable([d for d in crashed.glob("*") if d.is_dir()], cache)
         assert len(temp_files(crashed, cache)) <= 1
-    assert kills >= 5
 
-    last = start(args)
-    out = last.communicate(timeout=600)[0]
-    assert last.returncode == 0, out[-3000:]
-    jobs = sorted(d.name for d in reference.glob("*") if (d / results.RESULTS_FILE).exists())
-    assert len(jobs) == 2 and jobs == sorted(d.name for d in crashed.glob("*") if (d / results.RESULTS_FILE).exists())
-    for job in jobs:
+    finish(start(args))
+    finish(ref)
+    names = sorted(d.name for d in reference.glob("*") if (d / results.RESULTS_FILE).exists())
+    assert len(names) == jobs
+    assert names == sorted(d.name for d in crashed.glob("*") if (d / results.RESULTS_FILE).exists())
+    for job in names:
         assert_same_run(crashed / job, reference / job)
     assert (crashed / "results.csv").exists() and temp_files(crashed, cache) == []
