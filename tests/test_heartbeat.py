@@ -15,6 +15,8 @@ import pytest
 from normsweep.search import HEARTBEAT_ATTR, STALE_ATTR, fail_stale_trials, heartbeat, uses_slot
 
 from .conftest import REPO, small_data_args
+from .crash_injector import env, injector_dir, wait_parked
+from .slurm_cluster import wait_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 State = optuna.trial.TrialState
@@ -54,15 +56,14 @@ def test_only_trials_silent_past_the_grace_period_are_failed_and_free_their_slot
 def test_a_running_trial_beats_while_its_job_runs_and_stops_after(tmp_path: Path) -> None:
     study = journal_study(tmp_path / "j.log")
     trial = study.ask()
+    beat = lambda: study._storage.get_trial(trial._trial_id).system_attrs.get(HEARTBEAT_ATTR)  # noqa: E731
     with heartbeat(study, trial, interval=0.05):
-        time.sleep(0.3)
-        first = study._storage.get_trial(trial._trial_id).system_attrs[HEARTBEAT_ATTR]
-        time.sleep(0.3)
-        second = study._storage.get_trial(trial._trial_id).system_attrs[HEARTBEAT_ATTR]
-    assert second > first  # it kept beating
-    last = study._storage.get_trial(trial._trial_id).system_attrs[HEARTBEAT_ATTR]
-    time.sleep(0.3)
-    assert study._storage.get_trial(trial._trial_id).system_attrs[HEARTBEAT_ATTR] == last  # stopped with the block
+        first = wait_for(beat, 120, "a first heartbeat", interval=0.01)  # the timeouts only bound a hang
+        wait_for(lambda: beat() != first, 120, "a second heartbeat", interval=0.01)
+        assert beat() > first  # it kept beating
+    last = beat()
+    time.sleep(0.3)  # six intervals: a heartbeat after the block would show
+    assert beat() == last  # stopped with the block
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,9 @@ def test_a_sigkilled_worker_does_not_stall_the_search(tmp_path: Path, data_args,
         spec = storage = f"sqlite:///{tmp_path / 'study.db'}"
     else:  # a real server the test starts (tests/conftest.py), skipped where PostgreSQL is not installed
         spec = storage = request.getfixturevalue("postgres_url")
+    grace = 2  # seconds; only the survivor judges a trial, and only its dead predecessor's is running then
     args = [sys.executable, "-m", "normsweep", "-m", "search=optuna", f"search.storage={spec}", "search.n_trials=3",
-            "search.pruner=none", "search.heartbeat_interval=0.5", "search.grace_period=8", "trainer.epochs=60",
+            "search.pruner=none", "search.heartbeat_interval=0.5", f"search.grace_period={grace}", "trainer.epochs=1",
             "budget.enforce=false", *data_args, f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
 
     def load() -> optuna.Study | None:
@@ -97,22 +99,23 @@ def test_a_sigkilled_worker_does_not_stall_the_search(tmp_path: Path, data_args,
         names = [s.study_name for s in optuna.get_all_study_summaries(st)]
         return optuna.load_study(study_name=names[0], storage=st) if names else None
 
-    victim_log = (tmp_path / "victim.log").open("w")
-    victim = subprocess.Popen(args, cwd=REPO, stdout=victim_log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill it mid-trial: a trial is running and has beaten at least once
+    def beating() -> list[optuna.trial.FrozenTrial]:
         study = load()
         running = study.get_trials(states=(State.RUNNING,)) if study else []
-        if running and HEARTBEAT_ATTR in running[0].system_attrs:
-            break
-        assert victim.poll() is None, f"the worker ended before it could be killed mid-trial:\n{(tmp_path / 'victim.log').read_text()[-3000:]}"
-        time.sleep(0.2)
-    else:
-        pytest.fail("no running trial with a heartbeat within 300 s")
+        return [t for t in running if HEARTBEAT_ATTR in t.system_attrs]
+
+    # Parked in its first trial's first training step: that trial is running for good, beating on.
+    shim, log = injector_dir(tmp_path), tmp_path / "victim.log"
+    with log.open("w") as out:
+        victim = subprocess.Popen(args, cwd=REPO, env=env(shim, "step:1:park"), stdout=out, stderr=subprocess.STDOUT)
+    wait_parked(victim, shim, log=log)
+    wait_for(beating, 300, "a running trial with a heartbeat", interval=0.1)
     os.kill(victim.pid, signal.SIGKILL)  # no handler runs: the trial stays RUNNING in the storage
     victim.wait()
-    killed = study._storage.get_trial(running[0]._trial_id)
-    assert killed.state == State.RUNNING, "the trial ended just before the kill; make trials longer"
+    study = load()
+    killed = study._storage.get_trial(beating()[0]._trial_id)
+    assert killed.state == State.RUNNING
+    time.sleep(max(0.0, killed.system_attrs[HEARTBEAT_ATTR] + grace - time.time()))  # silent past the grace period
 
     survivor = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)  # the same command
     trials = {t.number: t for t in study.get_trials()}

@@ -7,18 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from normsweep.data import load_raw, make_splits
+from normsweep.data import CLASSES, load_raw, make_splits
 from normsweep.models import model_from_config
 from normsweep.resume import config_differences
 from normsweep.train import CheckpointError, load_checkpoint, train
 
 from .conftest import REPO, small_data_args
+from .crash_injector import env, injector_dir, steps_per_epoch, wait_parked
 from .test_config import make_cfg
 
 TINY = ("trainer.batch_size=25", "trainer.device=cpu", "trainer.progress=false", "model.dropout=0.1")
@@ -71,56 +71,55 @@ def test_config_differences_ignore_keys_that_do_not_change_results() -> None:
 # ------------------------------------------------------------------ through the CLI
 
 
+PER_CLASS = 150  # training images of each class in the CLI tests' dataset
+
+
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    return [*small_data_args(tmp_path_factory, n_train=150, n_test=20), "trainer.threads=1"]
+    return [*small_data_args(tmp_path_factory, n_train=PER_CLASS, n_test=20), "trainer.threads=1"]
 
 
-def cli(*args: str, wait: bool = True):
+def cli(*args: str, wait: bool = True, environ: dict | None = None):
     cmd = [sys.executable, "-m", "normsweep", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    environ = environ or {**os.environ, "PYTHONUNBUFFERED": "1"}
     if wait:
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_epoch(results: Path, epoch: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    start = time.time()
-    while time.time() - start < timeout:
-        if results.exists():
-            try:
-                if json.loads(results.read_text())["epochs_completed"] >= epoch:
-                    return
-            except (ValueError, KeyError):
-                pass  # never happens with atomic writes, but do not fail the test on a partial read
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for the first epoch")
+def parked_in_epoch_2(tmp_path: Path, images: int, *args: str) -> subprocess.Popen:
+    """``python -m normsweep ARGS`` on ``images`` images, parked in its epoch 2's first step (:mod:`.crash_injector`).
+
+    Epoch 1 is saved, and the run is live for good, however fast the machine: the test does to it
+    what it tests (a signal, a second process on its directory), then kills it.
+    """
+    shim = injector_dir(tmp_path)
+    proc = cli(*args, wait=False, environ=env(shim, f"step:{steps_per_epoch(images, args) + 1}:park"))
+    wait_parked(proc, shim)
+    return proc
 
 
 @pytest.mark.slow
 def test_sigterm_saves_state_and_the_same_command_resumes_to_the_same_result(tmp_path: Path, data_args) -> None:
-    epochs = ("trainer.epochs=6", "augment=seed", "model.dropout=0.1")
+    epochs = ("trainer.epochs=3", "augment=seed", "model.dropout=0.1")
     reference = tmp_path / "reference"
-    assert cli(*epochs, *data_args, f"hydra.run.dir={reference}").returncode == 0
+    ref = cli(*epochs, *data_args, f"hydra.run.dir={reference}", wait=False)  # runs alongside
 
     run_dir = tmp_path / "run"
-    proc = cli(*epochs, *data_args, f"hydra.run.dir={run_dir}", wait=False)
-    wait_for_epoch(run_dir / "results.json", 1, proc)
+    proc = parked_in_epoch_2(tmp_path, len(CLASSES) * PER_CLASS, *epochs, *data_args, f"hydra.run.dir={run_dir}")
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
+    output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 130, output[-2000:]
     stopped = json.loads((run_dir / "results.json").read_text())
-    assert stopped["status"] == "interrupted", "the run finished before the signal: make epochs longer"
+    assert stopped["status"] == "interrupted" and stopped["epochs_completed"] == 1, stopped
     assert f"hydra.run.dir={run_dir}" in stopped["error"] and "to resume" in output
     assert (run_dir / "checkpoint.pt").exists()
-    done_before = stopped["epochs_completed"]
-    assert 1 <= done_before < 6
 
     again = cli(*epochs, *data_args, f"hydra.run.dir={run_dir}")
     assert again.returncode == 0, again.stdout[-3000:]
-    assert f"after epoch {done_before} of 6" in again.stdout
+    assert "after epoch 1 of 3" in again.stdout
+    ref_output = ref.communicate(timeout=600)[0]
+    assert ref.returncode == 0, ref_output[-3000:]
     resumed, ref = json.loads((run_dir / "results.json").read_text()), json.loads((reference / "results.json").read_text())
     assert resumed["status"] == "completed" and not (run_dir / "checkpoint.pt").exists()
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731

@@ -14,12 +14,10 @@ import json
 import os
 import pickle
 import re
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,7 @@ from normsweep.train import CheckpointError, load_checkpoint, train
 
 from .conftest import REPO, class_images, small_data_args
 from .test_config import make_cfg
-from .test_reliability import TINY, cli, wait_for_epoch
+from .test_reliability import TINY, cli, parked_in_epoch_2
 
 DEV_FULL = Path("/dev/full")  # every write to it fails with ENOSPC: a full disk, for real
 needs_dev_full = pytest.mark.skipif(not DEV_FULL.exists(), reason="needs /dev/full (Linux)")
@@ -407,11 +405,9 @@ def test_the_new_holder_removes_temp_files_a_killed_writer_left_and_keeps_the_fi
     # A writer killed between mkstemp and the rename leaves a partial temp file (made here for real
     # by a process that is SIGKILLed while it writes one, its rename never reached).
     code = ("import os, time; f = open(os.path.join(%r, '.results.json.abc123.tmp'), 'w'); f.write('{\"partial'); "
-            "f.flush(); time.sleep(60)") % str(run_dir)
-    writer = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.time() + 30
-    while not (run_dir / ".results.json.abc123.tmp").exists() and time.time() < deadline:
-        time.sleep(0.05)
+            "f.flush(); print('written', flush=True); time.sleep(600)") % str(run_dir)
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "written"  # mid-write, however long the start took
     writer.kill()
     writer.wait()
     assert (run_dir / ".results.json.abc123.tmp").exists()
@@ -420,9 +416,13 @@ def test_the_new_holder_removes_temp_files_a_killed_writer_left_and_keeps_the_fi
         assert json.loads((run_dir / "results.json").read_text())["epochs_completed"] == 3
 
 
+PER_CLASS = 60  # training images of each class in the CLI tests' dataset
+
+
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    return [*small_data_args(tmp_path_factory, n_train=60, n_test=10), "trainer.threads=1", "trainer.progress=false"]
+    return [*small_data_args(tmp_path_factory, n_train=PER_CLASS, n_test=10), "trainer.threads=1",
+            "trainer.progress=false"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -431,13 +431,12 @@ def test_a_second_process_on_a_live_run_stops_at_once_and_a_killed_holder_does_n
 ) -> None:
     args = ("trainer.epochs=4", "augment=seed", "model.dropout=0.1", *data_args)
     reference = tmp_path / "reference"
-    assert cli(*args, f"hydra.run.dir={reference}").returncode == 0
+    ref = cli(*args, f"hydra.run.dir={reference}", wait=False)  # runs alongside
 
     run_dir = tmp_path / "run"
-    holder = cli(*args, f"hydra.run.dir={run_dir}", wait=False)
+    # Parked in epoch 2: alive and holding the directory, but going nowhere (a hung run).
+    holder = parked_in_epoch_2(tmp_path, len(CLASSES) * PER_CLASS, *args, f"hydra.run.dir={run_dir}")
     try:
-        wait_for_epoch(run_dir / "results.json", 1, holder)
-        holder.send_signal(signal.SIGSTOP)  # alive and holding the directory, but going nowhere (a hung run)
         second = cli(*args, f"hydra.run.dir={run_dir}")
         assert holder.poll() is None  # the holder was alive throughout
         out = second.stdout + second.stderr
@@ -448,7 +447,7 @@ def test_a_second_process_on_a_live_run_stops_at_once_and_a_killed_holder_does_n
         record = json.loads((run_dir / "results.json").read_text())
         assert record["pid"] == holder.pid and record["status"] == "running"  # the second wrote nothing
     finally:
-        holder.kill()  # SIGKILL, while stopped: no handler, no cleanup
+        holder.kill()  # SIGKILL: no handler, no cleanup
         holder.communicate(timeout=60)
     assert (run_dir / RUN_LOCK_FILE).exists() and (run_dir / "checkpoint.pt").exists()
 
@@ -456,6 +455,8 @@ def test_a_second_process_on_a_live_run_stops_at_once_and_a_killed_holder_does_n
     output = again.communicate(timeout=600)[0]
     assert again.returncode == 0, output[-3000:]
     assert "resuming from" in output
+    ref_output = ref.communicate(timeout=600)[0]
+    assert ref.returncode == 0, ref_output[-3000:]
     resumed, ref = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
     assert resumed["status"] == "completed" and resumed["pid"] == again.pid
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from .conftest import REPO, small_data_args
+from .crash_injector import env, injector_dir, release, wait_parked
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -23,12 +24,12 @@ def data_args(tmp_path_factory) -> list[str]:
     return [*small_data_args(tmp_path_factory), "trainer.epochs=1"]
 
 
-def normsweep(*args: str, cwd: Path = REPO, wait: bool = True):
+def normsweep(*args: str, cwd: Path = REPO, wait: bool = True, environ: dict | None = None):
     cmd = [sys.executable, "-m", "normsweep", "-m", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    environ = environ or {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
 
 
 def results(sweep: Path) -> pd.DataFrame:
@@ -124,10 +125,18 @@ def test_racing_workers_on_a_journal_file_take_exactly_n_trials(tmp_path: Path) 
 
 
 def run_two_workers(storage: str, tmp_path: Path, data_args: list[str], n_trials: int) -> list[subprocess.Popen]:
-    """Start two search workers at once on one storage and one shared sweep dir; wait for both."""
+    """Start two search workers at once on one storage and one shared sweep dir; wait for both.
+
+    Each is held in the first step of its first trial until both are there: both run trials at
+    once, however long either took to start.
+    """
     args = ["search=optuna", f"search.storage={storage}", f"search.n_trials={n_trials}", "search.pruner=none",
             "trainer.epochs=2", "trainer.threads=1", *data_args, f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
-    workers = [normsweep(*args, wait=False) for _ in range(2)]
+    shim = injector_dir(tmp_path)
+    workers = [normsweep(*args, wait=False, environ=env(shim, "step:1:hold")) for _ in range(2)]
+    for w in workers:
+        wait_parked(w, shim)
+    release(shim)
     for w in workers:
         w.output = w.communicate(timeout=600)[0]  # type: ignore[attr-defined]
     return workers

@@ -211,9 +211,9 @@ def test_a_sqlite_study_waits_for_another_writer_instead_of_failing(tmp_path: Pa
     other = sqlite3.connect(db, check_same_thread=False)  # another process's long write (a busy dashboard, a worker)
     other.execute("BEGIN EXCLUSIVE")
     release = threading.Timer(6.5, other.rollback)  # longer than SQLite's default 5 s wait
+    t0 = time.monotonic()  # before the timer: however late the ask starts, it returns after the release
     release.start()
     try:
-        t0 = time.monotonic()
         trial = study.ask()  # a write: waits for the other writer instead of "database is locked"
         waited = time.monotonic() - t0
     finally:

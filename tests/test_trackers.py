@@ -20,17 +20,21 @@ import numpy as np
 import pytest
 
 from normsweep.config import LoggerConfig, LoggerKind, NormsweepError, register_configs
+from normsweep.data import CLASSES
 from normsweep.trackers import EPOCH_METRICS, MLFLOW_RUN_FILE, TrackerMissing, make_tracker
 from normsweep.train import EpochStats
 
+from . import crash_injector
 from .conftest import REPO, small_data_args
 
 TIMEOUT = 3600  # generous: these CLI runs share 2 cores with whatever else is running
+PER_CLASS = 150  # training images of each class in the CLI tests' dataset
 
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
-    return [*small_data_args(tmp_path_factory, n_train=150, n_test=20), "trainer.threads=1", "trainer.progress=false"]
+    return [*small_data_args(tmp_path_factory, n_train=PER_CLASS, n_test=20), "trainer.threads=1",
+            "trainer.progress=false"]  # fmt: skip
 
 
 def env() -> dict[str, str]:
@@ -39,11 +43,11 @@ def env() -> dict[str, str]:
     return e
 
 
-def cli(*args: str, cwd: Path = REPO, wait: bool = True):
-    cmd = [sys.executable, "-m", "normsweep", *args]
+def cli(*args: str, cwd: Path = REPO, wait: bool = True, environ: dict | None = None):
+    cmd, environ = [sys.executable, "-m", "normsweep", *args], environ or env()
     if wait:
-        return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
-    return subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def output(proc) -> str:
@@ -226,14 +230,19 @@ def test_mlflow_one_run_per_job_resumed_after_sigterm_with_every_epoch_once(tmp_
     epochs = 4
     args = ("-m", "norm=batch", "logger=mlflow", f"trainer.epochs={epochs}", "augment=seed", *data_args,
             "hydra.sweep.dir=sweep")  # fmt: skip
-    proc = cli(*args, cwd=tmp_path, wait=False)
+    shim = crash_injector.injector_dir(tmp_path)  # parks the run in its epoch 2's first step: it is live for good
+    park = f"step:{crash_injector.steps_per_epoch(len(CLASSES) * PER_CLASS, data_args) + 1}:park"
+    environ = crash_injector.env(shim, park)
+    environ.pop("MLFLOW_TRACKING_URI", None)  # the test chooses the store
+    proc = cli(*args, cwd=tmp_path, wait=False, environ=environ)
+    crash_injector.wait_parked(proc, shim, timeout=TIMEOUT)
     job = wait_for_epoch(tmp_path / "sweep", 1, proc)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=TIMEOUT)[0]
     stopped = json.loads((job / "results.json").read_text())
-    assert stopped["status"] == "interrupted", f"the run finished before the signal: make epochs longer\n{log[-3000:]}"
+    assert stopped["status"] == "interrupted", log[-3000:]
     done = stopped["epochs_completed"]
-    assert 1 <= done < epochs
+    assert done == 1
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = MlflowClient(tracking_uri=uri)
