@@ -7,8 +7,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
 [ -z "${PYTHON:-}" ] && [ -x "$repo/.venv/bin/python" ] && python="$repo/.venv/bin/python"
-if ! "$python" -c "import normsweep" 2>/dev/null; then
-  echo "gpu_check: $python cannot import normsweep; install it first: cd $repo && pip install -e ." >&2
+if ! "$python" -c "import normsweep.conf" 2>/dev/null; then  # the configs come with the install only
+  echo "gpu_check: $python cannot import normsweep and its configs; install it first: pip install -e $repo" >&2
   exit 2
 fi
 exec "$python" "$repo/benchmarks/gpu_check.py" "$@"

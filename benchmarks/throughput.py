@@ -112,8 +112,9 @@ def _normsweep_batches(raw, device, augment_cfg, channels_last: bool):
         yield from batches(x_all, y_all, BATCH, augment_cfg, gen, fmt)
 
 
-def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, device_name: str) -> dict:
-    """Images/s of ``steps`` training steps (after ``warmup``) of one pipeline and norm."""
+def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, device_name: str,
+            min_seconds: float = 0.0) -> dict:
+    """Images/s of ``steps`` training steps (after ``warmup``; repeated until ``min_seconds`` have passed) of one pipeline and norm."""
     from normsweep.config import AugmentConfig
     from normsweep.data import load_raw
     from normsweep.models import build_model, count_params
@@ -173,10 +174,14 @@ def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, d
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    images = sum(step() for _ in range(steps))  # normsweep's batches: an epoch's last one may be smaller
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    images = 0
+    while True:  # chunks of `steps` until at least min_seconds have passed (a GPU does 30 steps in 0.2 s)
+        images += sum(step() for _ in range(steps))  # normsweep's batches: an epoch's last one may be smaller
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if seconds >= min_seconds:
+            break
     return {
         "pipeline": pipeline,
         "norm": norm,
@@ -267,6 +272,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=12, help="timed training steps per measurement")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min-seconds", type=float, default=0.0,
+                   help="time batches of --steps until at least this long (a GPU needs it: 30 steps take 0.2 s)")
     from normsweep.norms import NORMS as ALL_NORMS
 
     p.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(ALL_NORMS))
@@ -281,7 +288,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.one:
-        print(json.dumps(measure(args.one[0], args.one[1], args.steps, args.warmup, args.data_root, args.device)))
+        print(json.dumps(measure(args.one[0], args.one[1], args.steps, args.warmup, args.data_root, args.device, args.min_seconds)))
         return
     if args.one_target:
         print(json.dumps(time_to_target(args.one_target, args.target, args.data_root, args.device)))
@@ -289,7 +296,7 @@ def main() -> None:
 
     import pandas as pd
 
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--data-root", args.data_root, "--device", args.device]
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--min-seconds", str(args.min_seconds), "--data-root", args.data_root, "--device", args.device]
     rows = []
     for r in range(args.repeats):
         for norm in args.norms:
@@ -312,7 +319,8 @@ def main() -> None:
         f"# Training throughput — {socket.gethostname()}, {platform.processor() or platform.machine()}, "
         f"{med['device'].iloc[0]}, torch {torch.__version__}",
         "",
-        f"Median of {args.repeats} repeats x {args.steps} steps of batch {BATCH}; s/epoch = 45,000 images / throughput "
+        f"Median of {args.repeats} repeats x {args.steps} steps of batch {BATCH}"
+        f"{f' (repeated to at least {args.min_seconds:g} s)' if args.min_seconds else ''}; s/epoch = 45,000 images / throughput "
         f"(training steps only). `vs_study` = throughput / pipeline (a)'s.",
         "",
         med.drop(columns="device").to_markdown(index=False, floatfmt=".2f"),

@@ -6,8 +6,10 @@ adds a directory of your own configs beside them.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import traceback
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -43,5 +45,21 @@ def main(cfg: DictConfig) -> float:
         raise
 
 
+def require_configs() -> None:
+    """Stop with the fix when the configs cannot be found: a checkout used without ``pip install``.
+
+    ``conf/`` becomes the package ``normsweep.conf`` only through the install (pyproject.toml's
+    package-dir); ``PYTHONPATH=.`` or ``cd`` into a clone imports normsweep but not its configs,
+    and Hydra's own message ("Primary config module 'normsweep.conf' not found") does not say why.
+    """
+    if importlib.util.find_spec("normsweep.conf") is None:
+        here = Path(__file__).resolve().parent
+        print(f"normsweep: its configs (the package normsweep.conf) are not installed: normsweep is imported "
+              f"from {here}, a checkout that was not installed. Install it, then run again:\n"
+              f"    pip install -e {here.parent}", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    require_configs()
     main()

@@ -177,3 +177,21 @@ def test_an_optuna_search_and_its_report(installed: Installed, user_conf: Path) 
     installed.cli("normsweep-report", sweep, "--out", report, "--no-plots")
     table = pd.read_csv(report / "results.csv")
     assert len(table) == 2 and (table["status"] == "completed").all()
+
+
+def test_a_checkout_used_without_installing_says_to_install_it(tmp_path: Path) -> None:
+    """`python -m normsweep` from a clone that was never installed (normsweep imported from the working
+    directory, conf/ not a package) stops with the install command, not Hydra's "Primary config module
+    'normsweep.conf' not found" (what the first GPU check hit)."""
+    checkout = tmp_path / "clone"
+    shutil.copytree(REPO / "normsweep", checkout / "normsweep", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "conf", checkout / "conf", ignore=shutil.ignore_patterns("local"))
+    # This interpreter has normsweep installed (editable); drop that install's import hooks, as a
+    # Python that never saw the install would not have them, then run the module as `python -m` does.
+    code = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'normsweep' not in "
+            "getattr(f, '__module__', '') + getattr(f, '__name__', '')]; sys.path.insert(0, ''); "
+            "sys.argv = ['normsweep', 'trainer.epochs=1']; runpy.run_module('normsweep', run_name='__main__', alter_sys=True)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"pip install -e {checkout}" in proc.stderr and "not installed" in proc.stderr, proc.stderr
+    assert not (checkout / "outputs").exists()  # nothing started
