@@ -20,6 +20,16 @@ from PIL import Image
 
 from normsweep.data import CLASSES
 
+# Under pytest-xdist (pyproject's addopts: -n 4) four test processes share the cores. A torch process
+# takes one thread per core by default, and 4 x 2 spinning OpenMP threads on 2 cores ran the training
+# tests up to 30x slower than one process alone: one thread per test process, and for the runs it starts
+# (OMP_NUM_THREADS is torch's default where trainer.threads is null; a launcher's share is set explicitly).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpg"
 

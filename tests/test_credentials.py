@@ -36,6 +36,9 @@ from normsweep.search import study_name_for
 from .conftest import _free_port, compose_config, postgres_server, small_data_args
 from .test_trackers import hparams
 
+# One xdist worker runs every test of this file (--dist loadgroup): its module fixture is costly to start.
+pytestmark = pytest.mark.xdist_group("credentials")
+
 PG_PASSWORD = "pg-" + secrets.token_hex(8)
 MLFLOW_USER, MLFLOW_PASSWORD = "alice", "ml-" + secrets.token_hex(8)
 TIMEOUT = 900  # generous: these runs share 2 cores with whatever else is running

@@ -85,6 +85,7 @@ def test_a_stage_that_fails_is_reported_and_the_stages_that_need_it_are_skipped(
     assert "Targets (training of the three runs <= 60 s" in printed and "not measured" in printed
 
 
+@pytest.mark.slow  # seconds: real processes
 def test_a_command_past_its_deadline_is_stopped_with_the_processes_it_started(tmp_path: Path, module) -> None:
     check = module.Check(module.parse_args([str(tmp_path), "--budget-s", "6"]), tmp_path)  # the sweep's deadline: 3 s
     with pytest.raises(module.StageError, match="stopped at the stage's deadline"):

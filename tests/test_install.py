@@ -27,7 +27,8 @@ import yaml
 
 from .conftest import REPO, write_folder_dataset
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs every test of this file (--dist loadgroup): its module fixture is costly to start.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
 
 TIMEOUT = 600
 # Not copied to the build: version control, environments, build outputs and run outputs of a clone.

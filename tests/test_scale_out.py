@@ -117,6 +117,7 @@ def check_race(trials: list[optuna.trial.FrozenTrial], n_trials: int = 24) -> No
     assert len({t.user_attrs["worker"] for t in trials}) > 1
 
 
+@pytest.mark.slow  # seconds: real processes
 def test_racing_workers_on_a_journal_file_take_exactly_n_trials(tmp_path: Path) -> None:
     from normsweep.storage import open_storage
 
@@ -170,6 +171,7 @@ def test_two_workers_on_one_journal_file_run_exactly_n_trials(tmp_path: Path, da
     check_exactly_n_trials(JournalStorage(JournalFileBackend(str(journal))), tmp_path, workers, n_trials=6)
 
 
+@pytest.mark.slow  # seconds: real processes
 def test_racing_workers_on_a_postgresql_server_take_exactly_n_trials(postgres_url) -> None:
     check_race(hammer(postgres_url, postgres_url))
 

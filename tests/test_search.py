@@ -199,6 +199,7 @@ def test_an_empty_float_range_is_refused_naming_the_key() -> None:
         to_distribution("x", "range(0.5, 0.5, step=0.1)")
 
 
+@pytest.mark.slow  # seconds: real processes
 def test_a_sqlite_study_waits_for_another_writer_instead_of_failing(tmp_path: Path) -> None:
     import sqlite3
     import threading

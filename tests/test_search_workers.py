@@ -150,6 +150,7 @@ def test_a_job_gets_its_workers_share_of_the_cores(monkeypatch) -> None:
         HydraConfig.instance().cfg = None
 
 
+@pytest.mark.slow  # seconds: real processes
 def test_more_than_one_worker_needs_a_launcher_that_runs_jobs_in_parallel(tmp_path: Path) -> None:
     journal = tmp_path / "study.journal"
     proc = normsweep("search=optuna", "search.workers=2", f"search.storage=journal:{journal}",

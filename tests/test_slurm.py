@@ -26,7 +26,8 @@ from .conftest import REPO, small_data_args
 from .slurm_cluster import INSTALL_HINT, PARTITION, PrivateSlurm, missing_binaries, wait_for
 from .test_search_workers import all_trials, check_retried_from_checkpoint, overlapping, running_past_epoch_2
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs every test of this file (--dist loadgroup): its module fixture is costly to start.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 State = optuna.trial.TrialState
 ON_SLURM = ["hydra/launcher=submitit_slurm", f"hydra.launcher.partition={PARTITION}", "hydra.launcher.gpus_per_node=0",

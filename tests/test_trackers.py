@@ -85,6 +85,7 @@ def test_a_missing_package_stops_the_run_at_start_naming_the_extra(kind, modules
     assert res["status"] == "failed" and f"pip install 'normsweep[{kind}]'" in res["error"]
 
 
+@pytest.mark.slow  # seconds: a fresh interpreter
 def test_a_plain_run_imports_neither_tracker_library() -> None:
     code = (
         "import sys; from pathlib import Path; import normsweep.job, normsweep.__main__;"
@@ -159,6 +160,7 @@ def test_tensorboard_logs_every_epoch_of_every_job_of_a_sweep(tmp_path: Path, da
         assert hp["optimizer.lr"] == pytest.approx(res["config"]["optimizer"]["lr"])
 
 
+@pytest.mark.slow  # seconds: real processes
 def test_tensorboard_resume_logs_each_epoch_once_and_a_fresh_start_hides_the_old_run(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     from torch.utils.tensorboard import SummaryWriter
