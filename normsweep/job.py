@@ -142,7 +142,11 @@ def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
     """
     out = Path(out_dir)
     config = credentials.recorded_config(dcfg)  # resolved, but a password's interpolation as written
-    previous = previous_result(out, config)
+    try:
+        previous = previous_result(out, config)
+    except NormsweepError as e:  # before the record: nothing else says why the run did not start
+        log.error("%s", e)
+        raise
     if previous is not None:
         log.info("%s already holds this run, completed: skipping it (delete it to run again)", out.resolve())
         return float(previous.final_val_acc)

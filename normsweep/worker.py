@@ -111,6 +111,8 @@ def tell_from_job(study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Pa
     if job_dir and (job_dir / RESULTS_FILE).exists():
         res = RunRecord.read(job_dir)
         error = res.error
+        if res.status == "running":  # the job stopped before it recorded anything of its own
+            error = f"the job stopped before recording its run (results.json says running); {job_dir / 'normsweep.log'} says why"
         if res.status == "completed" and res.final_val_acc is not None:
             state, value = optuna.trial.TrialState.COMPLETE, float(res.final_val_acc)
         elif res.status == "pruned":

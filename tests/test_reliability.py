@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from normsweep import results
 from normsweep.data import CLASSES, load_raw, make_splits
 from normsweep.models import model_from_config
 from normsweep.resume import config_differences
+from normsweep.results import RunRecord
 from normsweep.train import CheckpointError, load_checkpoint, train
 
-from .conftest import REPO, small_data_args
+from .conftest import REPO, compose_config, small_data_args
 from .crash_injector import env, injector_dir, steps_per_epoch, wait_parked
 from .test_config import make_cfg
 
@@ -69,6 +72,20 @@ def test_config_differences_ignore_keys_that_do_not_change_results() -> None:
 
 
 # ------------------------------------------------------------------ through the CLI
+
+
+def test_a_directory_holding_another_configs_checkpoint_is_refused_saying_why(tmp_path: Path) -> None:
+    """The refusal comes before the run's record exists, so nothing else would say why it stopped: it
+    once exited 2 in silence, and a search trial retried in such a directory failed with error None."""
+    run_dir = tmp_path / "run"
+    other = compose_config(["optimizer.lr=0.5", "trainer.epochs=1"])
+    RunRecord(status="running", config=OmegaConf.to_container(other, resolve=True)).write(run_dir)
+    (run_dir / results.TRAINING_STATE_FILE).write_bytes(b"a checkpoint of that run")
+    proc = cli("optimizer.lr=0.1", f"hydra.run.dir={run_dir}", "trainer.epochs=1", "data.root=/nonexistent")
+    message = "already holds a run with another config (differs in optimizer.lr)"
+    assert proc.returncode == 2 and message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert message in (run_dir / "normsweep.log").read_text()
+    assert json.loads((run_dir / results.RESULTS_FILE).read_text())["status"] == "running"  # left as it was
 
 
 PER_CLASS = 150  # training images of each class in the CLI tests' dataset
