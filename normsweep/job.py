@@ -28,7 +28,7 @@ from .config import Config, ConfigError, NormsweepError, to_config
 from .data import load_raw, make_splits
 from .models import check_budget, count_params, model_from_config
 from .results import RunRecord
-from .resume import previous_result, resume_hint
+from .resume import CheckpointError, load_checkpoint, previous_result, resume_hint
 from .runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
 from .signals import sigterm_interrupts
 from .train import EpochStats, accuracy, predict, prepare_eval, train
@@ -170,6 +170,16 @@ def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         return _run_recorded(dcfg, out, record, config)
 
 
+def _epochs_saved(out: Path, recorded: int | None) -> int:
+    """The epochs a resume starts after: the checkpoint's, which a signal landing between the save of an
+    epoch's checkpoint and the record's update leaves one ahead of ``recorded``."""
+    state = out / results.TRAINING_STATE_FILE
+    try:
+        return max(recorded or 0, load_checkpoint(state)["epoch"]) if state.exists() else (recorded or 0)
+    except CheckpointError:
+        return recorded or 0
+
+
 def _run_recorded(dcfg: DictConfig, out: Path, record: RunRecord, config: dict) -> float:
     """Run the job; whatever ends it (an error, the search's pruner, Ctrl-C or SIGTERM) goes into ``record``."""
     tracker = trackers.Tracker()  # logger=none until the configured tracker has started
@@ -186,7 +196,7 @@ def _run_recorded(dcfg: DictConfig, out: Path, record: RunRecord, config: dict) 
             log.info("run pruned by the search: %s", e)
         elif isinstance(e, KeyboardInterrupt):
             record.status = "interrupted"
-            done = record.epochs_completed
+            done = _epochs_saved(out, record.epochs_completed)
             record.error = f"{type(e).__name__}: {e or 'Ctrl-C'} after epoch {done}; {resume_hint(out)}"
             log.error("run interrupted after epoch %d of %d; %s", done, record.epochs, resume_hint(out))
         else:

@@ -8,6 +8,8 @@ for the data cache), at STAGE:
                       cut while the bytes were still being written; the kill comes before its fsync;
 * ``before-rename`` - the temporary file is complete and synced, not yet renamed onto NAME;
 * ``after-rename``  - the rename happened, the directory was not yet synced.
+* ``term-after-rename`` - as ``after-rename``, but the process sends itself ``SIGTERM`` instead of
+                      ``SIGKILL``: its handler runs the moment the file is in place.
 
 For a file that is appended to (Optuna's journal, NAME ``study.journal``), the N-th record
 appended to it (counting only records that contain ``NORMSWEEP_TEST_RECORD``, if set) is cut to
@@ -83,12 +85,16 @@ if _spec:
         return _real_fsync(fd)
 
     def replace(src, dst, *args, **kwargs):  # noqa: ANN001
-        if _stage in ("before-rename", "after-rename") and _is_target(dst) and str(src).endswith(".tmp"):
+        if _stage in ("before-rename", "after-rename", "term-after-rename") and _is_target(dst) \
+                and str(src).endswith(".tmp"):  # fmt: skip
             _seen["replace"] += 1
             if _seen["replace"] == _n:
                 if _stage == "before-rename":
                     _die()
                 _real_replace(src, dst, *args, **kwargs)
+                if _stage == "term-after-rename":  # SIGTERM's handler runs as soon as the rename returns
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return None
                 _die()
         return _real_replace(src, dst, *args, **kwargs)
 

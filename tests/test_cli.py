@@ -19,6 +19,7 @@ from normsweep.config import Config
 from normsweep.models import model_from_config
 from normsweep.results import load_model
 
+from . import warm_python
 from .conftest import REPO, SHARED_CIFAR, compose_config, write_folder_dataset
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ def data_args(tmp_path_factory) -> list[str]:
 
 def normsweep(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
+    return warm_python.run(
         [sys.executable, "-m", "normsweep", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
 
@@ -118,10 +119,9 @@ def assert_grid_shows_only_mispredicted(job: Path) -> None:
     """Every image in the misprediction grid is one the *saved, trained* model gets wrong."""
     from omegaconf import OmegaConf
 
-    from normsweep.data import load_raw
+    from normsweep.data import Split, load_raw
     from normsweep.plots import mispredicted
     from normsweep.train import predict, prepare_eval
-    from normsweep.data import Split
 
     index, target, pred = mispredicted(job)
     assert len(index) > 0

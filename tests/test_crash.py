@@ -30,6 +30,7 @@ from normsweep.data import CLASSES
 from normsweep.resume import config_differences
 from normsweep.train import load_checkpoint
 
+from . import warm_python
 from .conftest import REPO, write_folder_dataset
 from .crash_injector import env, injector_dir, steps_per_epoch
 
@@ -58,7 +59,7 @@ def start(args: list[str], shim: Path | None = None, kill_at: str | None = None)
     cmd = [sys.executable, "-m", "normsweep", *args]
     plain = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONUNBUFFERED": "1"}
     environ = env(shim, kill_at) if kill_at else plain
-    return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return warm_python.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def kill(args: list[str], shim: Path, kill_at: str) -> None:

@@ -33,6 +33,7 @@ import pytest
 from normsweep.credentials import InlinePassword, RedactingFilter, inline_passwords, recorded_config, redact
 from normsweep.search import study_name_for
 
+from . import warm_python
 from .conftest import _free_port, compose_config, postgres_server, small_data_args
 from .test_trackers import hparams
 
@@ -237,7 +238,7 @@ def cli(launch: Path, *args: str, env: dict[str, str] | None = None) -> subproce
     """``python -m normsweep ARGS`` from ``launch``, with none of the passwords in its environment but ``env``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "MLFLOW_"))}
     cmd = [sys.executable, "-m", "normsweep", *args]
-    return subprocess.Popen(cmd, cwd=launch, env={**base, "PYTHONUNBUFFERED": "1", **(env or {})},
+    return warm_python.Popen(cmd, cwd=launch, env={**base, "PYTHONUNBUFFERED": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 

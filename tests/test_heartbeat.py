@@ -14,6 +14,7 @@ import pytest
 
 from normsweep.search import HEARTBEAT_ATTR, STALE_ATTR, fail_stale_trials, heartbeat, uses_slot
 
+from . import warm_python
 from .conftest import REPO, small_data_args
 from .crash_injector import env, injector_dir, wait_parked
 from .slurm_cluster import wait_for
@@ -107,7 +108,7 @@ def test_a_sigkilled_worker_does_not_stall_the_search(tmp_path: Path, data_args,
     # Parked in its first trial's first training step: that trial is running for good, beating on.
     shim, log = injector_dir(tmp_path), tmp_path / "victim.log"
     with log.open("w") as out:
-        victim = subprocess.Popen(args, cwd=REPO, env=env(shim, "step:1:park"), stdout=out, stderr=subprocess.STDOUT)
+        victim = warm_python.Popen(args, cwd=REPO, env=env(shim, "step:1:park"), stdout=out, stderr=subprocess.STDOUT)
     wait_parked(victim, shim, log=log)
     wait_for(beating, 300, "a running trial with a heartbeat", interval=0.1)
     os.kill(victim.pid, signal.SIGKILL)  # no handler runs: the trial stays RUNNING in the storage
@@ -117,7 +118,7 @@ def test_a_sigkilled_worker_does_not_stall_the_search(tmp_path: Path, data_args,
     assert killed.state == State.RUNNING
     time.sleep(max(0.0, killed.system_attrs[HEARTBEAT_ATTR] + grace - time.time()))  # silent past the grace period
 
-    survivor = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)  # the same command
+    survivor = warm_python.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)  # the same command
     trials = {t.number: t for t in study.get_trials()}
     assert not [t for t in trials.values() if t.state == State.RUNNING], survivor.stdout[-3000:] + survivor.stderr[-3000:]
     assert trials[killed.number].state == State.FAIL and "presumed dead" in trials[killed.number].user_attrs["error"]

@@ -29,6 +29,7 @@ from normsweep.journal import REPAIR_COMMAND, JournalDamaged, scan
 from normsweep.search import STALE_ATTR
 from normsweep.storage import open_storage
 
+from . import warm_python
 from .conftest import REPO, small_data_args
 from .test_trackers import dashboard_trials
 
@@ -51,7 +52,7 @@ def dashboard_states(path: Path) -> list[str]:
 
 
 def run_python(code: str, *args: str, environ: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=environ or os.environ,
+    return warm_python.run([sys.executable, "-c", code, *args], cwd=REPO, env=environ or os.environ,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
@@ -205,7 +206,7 @@ def test_a_damaged_journal_is_refused_untouched_with_the_repair_command(tmp_path
 
 
 def repair(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "normsweep.storage", "repair", str(path)], cwd=REPO,
+    return warm_python.run([sys.executable, "-m", "normsweep.storage", "repair", str(path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
@@ -247,7 +248,7 @@ def search(path: Path, n_trials: int, data_args: list[str], sweep: Path, environ
     args = ["-m", "normsweep", "-m", "search=optuna", f"search.storage=journal:{path}", f"search.n_trials={n_trials}",
             "search.pruner=none", "search.heartbeat_interval=5", "search.grace_period=10", *data_args,
             f"hydra.sweep.dir={sweep}"]  # fmt: skip
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=environ or os.environ, capture_output=True, text=True,
+    return warm_python.run([sys.executable, *args], cwd=REPO, env=environ or os.environ, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
 
 

@@ -16,10 +16,11 @@ from omegaconf import OmegaConf
 from normsweep import results
 from normsweep.data import CLASSES, load_raw, make_splits
 from normsweep.models import model_from_config
-from normsweep.resume import config_differences
 from normsweep.results import RunRecord
+from normsweep.resume import config_differences
 from normsweep.train import CheckpointError, load_checkpoint, train
 
+from . import warm_python
 from .conftest import REPO, compose_config, small_data_args
 from .crash_injector import env, injector_dir, steps_per_epoch, wait_parked
 from .test_config import make_cfg
@@ -100,8 +101,8 @@ def cli(*args: str, wait: bool = True, environ: dict | None = None):
     cmd = [sys.executable, "-m", "normsweep", *args]
     environ = environ or {**os.environ, "PYTHONUNBUFFERED": "1"}
     if wait:
-        return subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
-    return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return warm_python.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
+    return warm_python.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def parked_in_epoch_2(tmp_path: Path, images: int, *args: str) -> subprocess.Popen:
@@ -142,6 +143,23 @@ def test_sigterm_saves_state_and_the_same_command_resumes_to_the_same_result(tmp
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(ref["history"])
     assert resumed["final_test_acc"] == ref["final_test_acc"]
+
+
+@pytest.mark.slow
+def test_a_sigterm_just_after_an_epoch_s_checkpoint_is_saved_reports_the_epoch_the_resume_starts_from(
+    tmp_path: Path, data_args
+) -> None:
+    # The signal lands after epoch 2's checkpoint is in place and before the run's record has counted
+    # that epoch: what the run says it kept must be what the checkpoint holds and the resume uses.
+    run_dir, shim = tmp_path / "run", injector_dir(tmp_path)
+    args = ("trainer.epochs=3", *data_args, f"hydra.run.dir={run_dir}")
+    stopped = cli(*args, environ=env(shim, f"{results.TRAINING_STATE_FILE}:2:term-after-rename"))
+    assert stopped.returncode == 130, stopped.stdout[-3000:]
+    assert load_checkpoint(run_dir / results.TRAINING_STATE_FILE)["epoch"] == 2
+    assert "run interrupted after epoch 2 of 3" in stopped.stdout, stopped.stdout[-3000:]
+    assert "after epoch 2;" in json.loads((run_dir / results.RESULTS_FILE).read_text())["error"]
+    again = cli(*args)
+    assert again.returncode == 0 and "resuming from checkpoint.pt after epoch 2 of 3" in again.stdout
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from normsweep.models import model_from_config
 from normsweep.results import UnsafeFileError, WriteError, write_json
 from normsweep.train import CheckpointError, load_checkpoint, train
 
+from . import warm_python
 from .conftest import REPO, class_images, small_data_args
 from .test_config import make_cfg
 from .test_reliability import TINY, cli, parked_in_epoch_2
@@ -377,7 +378,7 @@ def holder_process(run_dir: Path) -> subprocess.Popen:
         "import sys, time; from pathlib import Path; from normsweep.job import hold_run_dir\n"
         "with hold_run_dir(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = warm_python.Popen([sys.executable, "-c", code, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -406,7 +407,7 @@ def test_the_new_holder_removes_temp_files_a_killed_writer_left_and_keeps_the_fi
     # by a process that is SIGKILLed while it writes one, its rename never reached).
     code = ("import os, time; f = open(os.path.join(%r, '.results.json.abc123.tmp'), 'w'); f.write('{\"partial'); "
             "f.flush(); print('written', flush=True); time.sleep(600)") % str(run_dir)
-    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    writer = warm_python.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "written"  # mid-write, however long the start took
     writer.kill()
     writer.wait()

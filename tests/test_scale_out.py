@@ -13,6 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from . import warm_python
 from .conftest import REPO, small_data_args
 from .crash_injector import env, injector_dir, release, wait_parked
 
@@ -28,8 +29,8 @@ def normsweep(*args: str, cwd: Path = REPO, wait: bool = True, environ: dict | N
     cmd = [sys.executable, "-m", "normsweep", "-m", *args]
     environ = environ or {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
+        return warm_python.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return warm_python.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
 
 
 def results(sweep: Path) -> pd.DataFrame:

@@ -14,6 +14,7 @@ import yaml
 
 from normsweep.search import split_overrides, to_distribution
 
+from . import warm_python
 from .conftest import REPO, compose_config, small_data_args
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -54,7 +55,7 @@ def data_args(tmp_path_factory) -> list[str]:
 def search(tmp_path: Path, data_args: list[str], *args: str, sweep: str = "sweep") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "normsweep", "-m", "search=optuna", f"search.storage=sqlite:///{tmp_path}/optuna.db",
            *data_args, *args, f"hydra.sweep.dir={tmp_path / sweep}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+    proc = warm_python.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     return proc
 

@@ -25,6 +25,7 @@ from normsweep.search import HEARTBEAT_ATTR, JOB_SUBDIR_ATTR, SearchError, free_
 from normsweep.storage import open_storage, storage_file
 from normsweep.worker import SearchWorker, StudyPlan, load_studies, open_shared_storage
 
+from . import warm_python
 from .conftest import REPO, small_data_args
 from .slurm_cluster import wait_for
 from .test_scale_out import normsweep
@@ -210,7 +211,7 @@ def test_a_sigterm_d_worker_frees_its_trial_and_the_same_command_resumes_every_t
     args = joblib_workers(tmp_path, "search.n_trials=2", "search.pruner=none", "search.heartbeat_interval=0.5",
                           "search.grace_period=8", "trainer.epochs=20", *data_args)  # fmt: skip
     log = tmp_path / "first.log"
-    first = subprocess.Popen([sys.executable, "-m", "normsweep", "-m", *args], cwd=REPO, stdout=log.open("w"),
+    first = warm_python.Popen([sys.executable, "-m", "normsweep", "-m", *args], cwd=REPO, stdout=log.open("w"),
                              stderr=subprocess.STDOUT)  # fmt: skip
     running = running_past_epoch_2(first, log, spec, 2)
     victim = running[0]

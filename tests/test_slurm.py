@@ -22,6 +22,7 @@ import pytest
 
 from normsweep.search import HEARTBEAT_ATTR, uses_slot
 
+from . import warm_python
 from .conftest import REPO, small_data_args
 from .slurm_cluster import INSTALL_HINT, PARTITION, PrivateSlurm, missing_binaries, wait_for
 from .test_search_workers import all_trials, check_retried_from_checkpoint, overlapping, running_past_epoch_2
@@ -55,8 +56,8 @@ def submit(cluster: PrivateSlurm, *args: str, log: Path | None = None):
     """``python -m normsweep -m ON_SLURM ARGS`` against ``cluster``: finished, or running with its output in ``log``."""
     cmd = [sys.executable, "-m", "normsweep", "-m", *ON_SLURM, *args]
     if log is None:
-        return subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900)
-    return subprocess.Popen(cmd, cwd=REPO, env=cluster.env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        return warm_python.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900)
+    return warm_python.Popen(cmd, cwd=REPO, env=cluster.env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def test_a_three_norm_sweep_runs_as_array_tasks_and_is_tabled(slurm: PrivateSlurm, tmp_path: Path, data_args) -> None:
@@ -98,14 +99,14 @@ def test_a_requeued_run_resumes_from_its_checkpoint_to_the_numbers_of_an_uninter
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     first.wait(timeout=600)
     output = (tmp_path / "sweep.log").read_text()
-    assert first.returncode == 0, output[-3000:] + slurm.logs()
+    assert first.returncode == 0, f"exit {first.returncode}\n" + output[-3000:] + slurm.logs()
     log = (job_dir / "normsweep.log").read_text()
     stopped = re.search(r"run interrupted after epoch (\d+) of 8", log)
     assert stopped and f"resuming from checkpoint.pt after epoch {stopped[1]} of 8" in log, log[-3000:]
     assert json.loads((job_dir / "results.json").read_text())["status"] == "completed"
 
     # The same run, uninterrupted, on the thread count Slurm gave the job (cpus_per_task=1).
-    reference = subprocess.run([sys.executable, "-m", "normsweep", *run_args, "trainer.threads=1",
+    reference = warm_python.run([sys.executable, "-m", "normsweep", *run_args, "trainer.threads=1",
                                 f"hydra.run.dir={tmp_path / 'reference'}"], cwd=REPO, capture_output=True, text=True,
                                timeout=600)  # fmt: skip
     assert reference.returncode == 0, reference.stderr[-3000:]

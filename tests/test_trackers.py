@@ -24,7 +24,7 @@ from normsweep.data import CLASSES
 from normsweep.trackers import EPOCH_METRICS, MLFLOW_RUN_FILE, TrackerMissing, make_tracker
 from normsweep.train import EpochStats
 
-from . import crash_injector
+from . import crash_injector, warm_python
 from .conftest import REPO, small_data_args
 
 TIMEOUT = 3600  # generous: these CLI runs share 2 cores with whatever else is running
@@ -46,8 +46,8 @@ def env() -> dict[str, str]:
 def cli(*args: str, cwd: Path = REPO, wait: bool = True, environ: dict | None = None):
     cmd, environ = [sys.executable, "-m", "normsweep", *args], environ or env()
     if wait:
-        return subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=TIMEOUT)
-    return subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return warm_python.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=TIMEOUT)
+    return warm_python.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def output(proc) -> str:
@@ -94,7 +94,7 @@ def test_a_plain_run_imports_neither_tracker_library() -> None:
         "bad = [m for m in ('mlflow', 'tensorboard', 'torch.utils.tensorboard', 'optuna_dashboard') if m in sys.modules];"
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=TIMEOUT)
+    warm_python.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=TIMEOUT)
 
 
 def test_logger_keys_of_another_logger_are_rejected_naming_the_key() -> None:

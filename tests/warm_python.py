@@ -1,0 +1,336 @@
+"""``python -m normsweep ...`` for the tests, started warm: a fork of a process that has imported torch once.
+
+A cold ``python -m normsweep`` spends about 2.5 s of CPU importing torch, Hydra and Optuna before it
+does anything, and the suite starts a few hundred such processes: on two cores that import was the
+largest single cost of the suite. :func:`run` and :class:`Popen` take the arguments of their
+``subprocess`` namesakes and start the same command as a fork of a *server* process (one per test
+process, started on first use) that has imported those modules and done nothing else: no thread, no
+torch operation, no Hydra state. The child then does what starting the interpreter would have done:
+it takes the command's standard streams, working directory, environment and ``sys.argv``, imports a
+``sitecustomize`` found on the command's ``PYTHONPATH`` (the crash injector), runs the module (or
+``-c`` code) as ``__main__``, joins its threads, runs the ``atexit`` handlers and exits with the
+status a cold interpreter would. It is a real process, the test's to signal, kill -9 and wait for;
+its files, locks, exit status and children are those of the command.
+
+A module the server imported is not imported again, so the variables read at import time
+(``OMP_*``, ``MKL_*``, ``TORCH*``, ``CUDA*``, ``PYTHON*`` other than ``PYTHONPATH``/``PYTHONUNBUFFERED``,
+``LD_*``) are the server's: there is one server per set of them, started with the command's values.
+What a warm start cannot reproduce, it does not try: an interpreter option (``python -X``, ``-W``), a
+new session (``start_new_session``), or anything but ``python -m MODULE`` / ``python -c CODE`` starts
+cold, through ``subprocess`` itself. So does every command when ``NORMSWEEP_TEST_COLD=1`` is set:
+the whole suite can be run both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+# Imported by the server before it forks: what every normsweep process imports at start. Modules run
+# with ``-m`` (normsweep.__main__, normsweep.report, normsweep.storage) are not preloaded: runpy would
+# warn that they were imported before being run.
+PRELOAD = ("torch", "torchvision", "hydra", "omegaconf", "optuna", "sqlalchemy", "pandas", "matplotlib",
+           "normsweep.config", "normsweep.job", "normsweep.sweeper", "normsweep.worker")  # fmt: skip
+IMPORT_TIME_ENV = re.compile(r"^(OMP_|MKL_|KMP_|GOMP_|TORCH|CUDA|LD_|PYTHON(?!PATH$|UNBUFFERED$)|MALLOC)")
+COLD = "NORMSWEEP_TEST_COLD"
+
+_SERVER_CODE = r"""
+import importlib, json, os, select, socket, sys
+sys.path.insert(0, sys.argv[3])
+import warm_python                               # this file: the child's side, become()
+sys.path.remove(sys.argv[3])
+for name in json.loads(sys.argv[2]):
+    importlib.import_module(name)
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+listener.listen(64)
+print("ready", flush=True)
+children = {}                                    # pid -> the connection that asked for it
+while True:
+    ready, _, _ = select.select([listener, sys.stdin], [], [], 0.02)
+    if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1024):
+        break                                    # the test process has gone: so do we
+    if listener in ready:
+        conn, _ = listener.accept()
+        message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        pid = os.fork()
+        if pid == 0:
+            for c in (listener, conn, *children.values()):
+                c.close()
+            warm_python.become(json.loads(message), fds)   # never returns
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        children[pid] = conn
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            break
+        conn = children.pop(pid, None)
+        if conn is not None:
+            try:
+                conn.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+            except OSError:
+                pass                             # the test stopped waiting for it
+            conn.close()
+"""
+
+
+def become(request: dict, fds: list[int]) -> None:
+    """In the forked child: take the command's streams, directory, environment and argv; run it; exit."""
+    import atexit
+    import builtins
+    import importlib
+    import io
+    import runpy
+    import signal
+    import traceback
+    import types
+
+    code: int = 1
+    interrupted = False
+    try:
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+        for fd in set(fds) - {0, 1, 2}:
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+
+        def stream(fd: int, mode: str, **kw):
+            raw = io.FileIO(fd, mode, closefd=False)
+            if mode == "r":
+                return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8")
+            return io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8", line_buffering=True,
+                                    write_through=unbuffered, **kw)  # fmt: skip
+
+        sys.stdin = sys.__stdin__ = stream(0, "r")
+        sys.stdout = sys.__stdout__ = stream(1, "w")
+        sys.stderr = sys.__stderr__ = stream(2, "w", errors="backslashreplace")
+        extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[1:1] = extra  # where PYTHONPATH goes: after the script's (or the cwd's) entry
+        if any((Path(p) / "sitecustomize.py").is_file() for p in extra):
+            sys.modules.pop("sitecustomize", None)
+            importlib.import_module("sitecustomize")
+        if request["mode"] == "-m":
+            sys.argv = [request["target"], *request["args"]]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(request["target"], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = ["-c", *request["args"]]
+            sys.path[0] = ""
+            main = types.ModuleType("__main__")
+            main.__builtins__ = builtins
+            sys.modules["__main__"] = main
+            exec(compile(request["target"], "<string>", "exec"), main.__dict__)
+        code = 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        interrupted = True
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:  # what the interpreter does on its way out
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        for f in (sys.stdout, sys.stderr):
+            f.flush()
+    except BaseException:
+        traceback.print_exc()
+    if interrupted:  # as CPython does after an uncaught KeyboardInterrupt: die of SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)
+
+
+def _import_time_env(environ: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if IMPORT_TIME_ENV.match(k)}
+
+
+class _Server:
+    """A pre-imported process that forks warm children, for one import-time environment (started on first use)."""
+
+    def __init__(self, import_env: dict[str, str]) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="normsweep-warm-"))
+        self.socket = str(self.dir / "server.sock")
+        base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not IMPORT_TIME_ENV.match(k)}
+        here = str(Path(__file__).resolve().parent)
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER_CODE, self.socket, json.dumps(PRELOAD), here],
+                                     env={**base, **import_env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)  # fmt: skip
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"the warm-start server did not start (exit {self.proc.wait()})")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+_servers: dict[tuple, _Server] = {}
+_servers_lock = threading.Lock()
+
+
+def _get_server(environ: dict[str, str] | None = None) -> _Server:
+    """The server for ``environ``'s import-time variables (``os.environ``'s by default)."""
+    import_env = _import_time_env(dict(os.environ if environ is None else environ))
+    key = tuple(sorted(import_env.items()))
+    with _servers_lock:
+        if key not in _servers or not _servers[key].alive():
+            _servers[key] = _Server(import_env)
+        return _servers[key]
+
+
+def _warm_spec(cmd: Any, env: dict[str, str] | None, kwargs: dict) -> dict | None:
+    """The request for a warm start of ``cmd``, or None where only a cold start is faithful."""
+    if os.environ.get(COLD) == "1" or set(kwargs) - {"text", "universal_newlines", "encoding"}:
+        return None
+    if not isinstance(cmd, (list, tuple)) or len(cmd) < 3 or str(cmd[0]) != sys.executable:
+        return None
+    if cmd[1] not in ("-m", "-c"):
+        return None
+    environ = dict(os.environ if env is None else env)
+    return {"mode": cmd[1], "target": str(cmd[2]), "args": [str(a) for a in cmd[3:]], "env": environ}
+
+
+class Popen:
+    """``subprocess.Popen`` for ``python -m MODULE`` / ``python -c CODE``: warm where faithful, else cold."""
+
+    def __init__(self, cmd, cwd=None, env=None, stdin=None, stdout=None, stderr=None, **kwargs) -> None:
+        self.args = cmd
+        spec = _warm_spec(cmd, env, kwargs)
+        self._cold = None
+        if spec is None:
+            self._cold = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr, **kwargs)
+            self.pid, self.stdout, self.stderr = self._cold.pid, self._cold.stdout, self._cold.stderr
+            return
+        text = bool(kwargs.get("text") or kwargs.get("universal_newlines") or kwargs.get("encoding"))
+        spec["cwd"] = str(cwd if cwd is not None else os.getcwd())
+        close_after: list[int] = []
+        self.stdout = self.stderr = None
+
+        def target(stream, name: str) -> int:
+            if stream == subprocess.PIPE:
+                r, w = os.pipe()
+                setattr(self, name, open(r, "r" if text else "rb", **({"encoding": "utf-8"} if text else {})))
+                close_after.append(w)
+                return w
+            if stream == subprocess.DEVNULL or (name == "stdin" and stream is None):
+                fd = os.open(os.devnull, os.O_RDWR)
+                close_after.append(fd)
+                return fd
+            if stream is None:
+                return {"stdout": 1, "stderr": 2}[name]
+            return stream if isinstance(stream, int) else stream.fileno()
+
+        fd_in = target(stdin, "stdin")
+        fd_out = target(stdout, "stdout")
+        fd_err = fd_out if stderr == subprocess.STDOUT else target(stderr, "stderr")
+        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._conn.connect(_get_server(spec["env"]).socket)
+        socket.send_fds(self._conn, [json.dumps(spec).encode()], [fd_in, fd_out, fd_err])
+        for fd in close_after:
+            os.close(fd)
+        self._buffer = b""
+        self.pid = self._message(None)["pid"]
+        self.returncode: int | None = None
+
+    def _message(self, timeout: float | None) -> dict | None:
+        """The server's next line about this process, or None if none came within ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._conn], [], [], left)[0]:
+                return None
+            chunk = self._conn.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"the warm-start server lost process {self.pid}")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+    def _status(self, timeout: float | None) -> int | None:
+        if self._cold is not None:
+            return self._cold.poll() if timeout == 0 else self._cold.wait(timeout)
+        if self.returncode is None:
+            message = self._message(timeout)
+            if message is not None:
+                self.returncode = message["returncode"]
+                self._conn.close()
+        return self.returncode
+
+    # -- what the tests use of Popen's interface
+    def poll(self) -> int | None:
+        self.returncode = self._status(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self._status(timeout) is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[Any, Any]:
+        if self._cold is not None:
+            out = self._cold.communicate(timeout=timeout)
+            self.returncode = self._cold.returncode
+            return out
+        deadline = None if timeout is None else time.monotonic() + timeout
+        results: dict[str, Any] = {}
+        readers = [threading.Thread(target=lambda n=n, f=f: results.__setitem__(n, f.read()), daemon=True)
+                   for n, f in (("stdout", self.stdout), ("stderr", self.stderr)) if f is not None]  # fmt: skip
+        for t in readers:
+            t.start()
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for t in readers:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        for f in (self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+        return results.get("stdout"), results.get("stderr")
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(15)
+
+    def kill(self) -> None:
+        self.send_signal(9)
+
+
+def run(cmd, cwd=None, env=None, capture_output: bool = False, timeout: float | None = None, check: bool = False,
+        stdout=None, stderr=None, **kwargs) -> subprocess.CompletedProcess:  # fmt: skip
+    """``subprocess.run`` for ``python -m MODULE`` / ``python -c CODE``: warm where faithful, else cold."""
+    if capture_output:
+        stdout = stderr = subprocess.PIPE
+    proc = Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
