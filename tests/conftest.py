@@ -162,4 +162,3 @@ def postgres_url():
     """A throwaway PostgreSQL server that trusts every connection (:func:`postgres_server`)."""
     with postgres_server() as url:
         yield url
-
