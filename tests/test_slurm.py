@@ -55,9 +55,12 @@ def data_args(tmp_path_factory) -> list[str]:
 def submit(cluster: PrivateSlurm, *args: str, log: Path | None = None):
     """``python -m normsweep -m ON_SLURM ARGS`` against ``cluster``: finished, or running with its output in ``log``."""
     cmd = [sys.executable, "-m", "normsweep", "-m", *ON_SLURM, *args]
+    # Started cold: a warm-started submitting process once exited non-zero after a requeued job had
+    # completed and been tabled (not understood, not reproduced in isolation); this file is one xdist
+    # group whose few starts a warm start would hardly shorten.
     if log is None:
-        return warm_python.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900)
-    return warm_python.Popen(cmd, cwd=REPO, env=cluster.env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        return subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900)
+    return subprocess.Popen(cmd, cwd=REPO, env=cluster.env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def test_a_three_norm_sweep_runs_as_array_tasks_and_is_tabled(slurm: PrivateSlurm, tmp_path: Path, data_args) -> None:

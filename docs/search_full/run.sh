@@ -6,13 +6,17 @@
 # DATA (../shared/data/cifar10-jpg), RUNS (where the trial job directories go, ../runs/search_full),
 # STORAGE (the study file, default the preset's journal:docs/search_full/optuna.journal; an absolute
 # journal:PATH lets a checkout of a fixed commit, e.g. a `git worktree`, run the search while the
-# code in the main checkout changes).
+# code in the main checkout changes), WORKERS (search workers per study at a time, 1; more run as
+# joblib processes: on one GPU, WORKERS=6 STEP=24 trains six trials at a time and a study's 24 in
+# four rounds), DEVICE (trainer.device, auto). Arguments are further overrides for every command.
 set -u
 cd "$(dirname "$0")/../.."
 TRIALS=${TRIALS:-24} STEP=${STEP:-2} THREADS=${THREADS:-1}
 DATA=${DATA:-../shared/data/cifar10-jpg} RUNS=${RUNS:-../runs/search_full}
 STORAGE=${STORAGE:-journal:docs/search_full/optuna.journal}
-PY=${PY:-python}
+PY=${PY:-python} WORKERS=${WORKERS:-1} DEVICE=${DEVICE:-auto}
+launch=()
+[ "$WORKERS" -gt 1 ] && launch=("search.workers=$WORKERS" hydra/launcher=joblib "hydra.launcher.n_jobs=$WORKERS")
 for n in $(seq "$STEP" "$STEP" "$TRIALS"); do
   for norm in group layer batch; do
     extra=()
@@ -23,7 +27,7 @@ for n in $(seq "$STEP" "$STEP" "$TRIALS"); do
     # failed, over the default 0.5, so the study would stop for good. One more finished trial brings it to 0.5.
     "$PY" -m normsweep -m experiment=search_full "norm=$norm" "${extra[@]}" "search.n_trials=$n" "search.storage=$STORAGE" \
       search.max_failure_rate=0.7 \
-      "trainer.threads=$THREADS" "data.root=$DATA" "hydra.sweep.dir=$RUNS/$norm" \
+      "trainer.threads=$THREADS" "trainer.device=$DEVICE" "${launch[@]}" "data.root=$DATA" "hydra.sweep.dir=$RUNS/$norm" "$@" \
       || echo "=== $(date -Is) $norm round $n exited with $?"
   done
 done
