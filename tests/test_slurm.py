@@ -55,9 +55,8 @@ def data_args(tmp_path_factory) -> list[str]:
 def submit(cluster: PrivateSlurm, *args: str, log: Path | None = None):
     """``python -m normsweep -m ON_SLURM ARGS`` against ``cluster``: finished, or running with its output in ``log``."""
     cmd = [sys.executable, "-m", "normsweep", "-m", *ON_SLURM, *args]
-    # Started cold: a warm-started submitting process once exited non-zero after a requeued job had
-    # completed and been tabled (not understood, not reproduced in isolation); this file is one xdist
-    # group whose few starts a warm start would hardly shorten.
+    # Started cold (subprocess itself): this file is one xdist group whose few starts a warm start would
+    # hardly shorten, and the cluster's environment would need a warm-start server of its own.
     if log is None:
         return subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900)
     return subprocess.Popen(cmd, cwd=REPO, env=cluster.env, stdout=log.open("w"), stderr=subprocess.STDOUT)

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,11 @@ def test_an_import_time_variable_gets_a_server_started_with_it_and_the_rest_star
         warm, cold = both(threads, env=env, capture_output=True, text=True, timeout=120)
         (ppid, warm_threads), (_, cold_threads) = (map(int, p.stdout.split()) for p in (warm, cold))
         assert warm_threads == cold_threads == n and ppid == warm_python._get_server(env).proc.pid
-    assert warm_python._get_server({**os.environ, "OMP_NUM_THREADS": "2"}).proc.pid != default
+    other = {**os.environ, "OMP_NUM_THREADS": "2" if os.environ.get("OMP_NUM_THREADS") != "2" else "1"}
+    assert warm_python._get_server(other).proc.pid != default
+    for n in ("1", "2"):
+        if os.environ.get("OMP_NUM_THREADS") != n:
+            warm_python.stop_server({**os.environ, "OMP_NUM_THREADS": n})  # each server holds about 1 GB
     probe = [sys.executable, "-c", "import os; print(os.getppid())"]
     assert int(warm_python.run(probe, capture_output=True, text=True, start_new_session=True).stdout) == os.getpid()
     monkeypatch.setenv(warm_python.COLD, "1")
@@ -109,3 +114,48 @@ def test_a_normsweep_run_started_warm_gives_the_numbers_of_one_started_cold(tmp_
     for key in ("final_val_acc", "final_test_acc", "final_train_loss", "params", "bf16"):
         assert warm[key] == cold[key], key
     assert [e["train_loss"] for e in warm["history"]] == [e["train_loss"] for e in cold["history"]]
+
+
+def test_output_is_buffered_as_a_cold_start_buffers_it():
+    # stdout to a pipe is block-buffered (flushed at exit), stderr line-buffered: the order shows it.
+    code = "import sys; print('out 1'); sys.stderr.write('err\\n'); print('out 2')"
+    for unbuffered in ({}, {"PYTHONUNBUFFERED": "1"}):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | unbuffered
+        warm, cold = both([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=120)  # fmt: skip
+        assert warm.stdout == cold.stdout, unbuffered
+
+
+def test_a_large_command_and_stdin_reach_the_process():
+    code = "import sys; data = sys.stdin.read(); print(len(data), " + repr("x" * 100_000) + "[:3])"
+    for start in (warm_python.Popen, subprocess.Popen):
+        proc = start([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        proc.stdin.write("hello")
+        out, _ = proc.communicate(timeout=120)
+        assert out == "5 xxx\n" and proc.returncode == 0
+
+
+def test_an_ended_process_keeps_its_pid_until_the_test_has_its_status():
+    # As with subprocess: a finished child stays a zombie until it is waited for, so a signal the test
+    # sends to proc.pid can never reach another process that took the pid.
+    proc = warm_python.Popen([sys.executable, "-c", "print('bye')"], stdout=subprocess.DEVNULL)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 60
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the process did not end"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the server has seen it end by now; it must not have reaped it
+    assert stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    proc.kill()  # a no-op on an ended process, as subprocess's
+    assert proc.wait(timeout=30) == 0
+    deadline = time.monotonic() + 30
+    while stat.exists() and time.monotonic() < deadline:  # reaped once the test has the status
+        time.sleep(0.05)
+    assert not stat.exists()
+
+
+def test_the_cold_fallback_reports_the_exit_status_through_poll_wait_and_communicate(monkeypatch):
+    monkeypatch.setenv(warm_python.COLD, "1")
+    proc = warm_python.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(4)"])
+    assert proc.poll() is None
+    assert proc.wait(timeout=60) == 4 and proc.returncode == 4 and proc.poll() == 4

@@ -3,14 +3,16 @@
 A cold ``python -m normsweep`` spends about 2.5 s of CPU importing torch, Hydra and Optuna before it
 does anything, and the suite starts a few hundred such processes: on two cores that import was the
 largest single cost of the suite. :func:`run` and :class:`Popen` take the arguments of their
-``subprocess`` namesakes and start the same command as a fork of a *server* process (one per test
-process, started on first use) that has imported those modules and done nothing else: no thread, no
-torch operation, no Hydra state. The child then does what starting the interpreter would have done:
-it takes the command's standard streams, working directory, environment and ``sys.argv``, imports a
-``sitecustomize`` found on the command's ``PYTHONPATH`` (the crash injector), runs the module (or
-``-c`` code) as ``__main__``, joins its threads, runs the ``atexit`` handlers and exits with the
-status a cold interpreter would. It is a real process, the test's to signal, kill -9 and wait for;
-its files, locks, exit status and children are those of the command.
+``subprocess`` namesakes and start the same command as a fork of a *server* process (started on
+first use) that has imported those modules and done nothing else: no Python thread, no torch
+operation, no Hydra state. The child then does what starting the interpreter would have done: it
+takes the command's standard streams (buffered as a cold start buffers them), working directory,
+environment and ``sys.argv``, imports a ``sitecustomize`` found on the command's ``PYTHONPATH`` (the
+crash injector), runs the module as ``python -m`` does (or the ``-c`` code) as ``__main__``, joins
+its threads, runs the ``atexit`` handlers and exits with the status a cold interpreter would. It is
+a real process, the test's to signal, kill -9 and wait for; its files, locks, exit status and
+children are those of the command. As with ``subprocess``, a finished process stays a zombie until
+the test has its status, so a signal sent after it ended never reaches a process that took its pid.
 
 A module the server imported is not imported again, so the variables read at import time
 (``OMP_*``, ``MKL_*``, ``TORCH*``, ``CUDA*``, ``PYTHON*`` other than ``PYTHONPATH``/``PYTHONUNBUFFERED``,
@@ -23,11 +25,15 @@ the whole suite can be run both ways.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
 import select
+import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -36,16 +42,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Imported by the server before it forks: what every normsweep process imports at start. Modules run
-# with ``-m`` (normsweep.__main__, normsweep.report, normsweep.storage) are not preloaded: runpy would
-# warn that they were imported before being run.
-PRELOAD = ("torch", "torchvision", "hydra", "omegaconf", "optuna", "sqlalchemy", "pandas", "matplotlib",
+# Imported by the server before it forks: what every `python -m normsweep` imports at start (not pandas:
+# pyarrow, which it loads, starts a thread). Modules run with -m (normsweep.__main__, .report, .storage)
+# are not preloaded: runpy would warn that they were imported before being run.
+PRELOAD = ("torch", "torchvision", "hydra", "omegaconf", "optuna", "sqlalchemy",
            "normsweep.config", "normsweep.job", "normsweep.sweeper", "normsweep.worker")  # fmt: skip
-IMPORT_TIME_ENV = re.compile(r"^(OMP_|MKL_|KMP_|GOMP_|TORCH|CUDA|LD_|PYTHON(?!PATH$|UNBUFFERED$)|MALLOC)")
+IMPORT_TIME_ENV = re.compile(r"^(OMP_|MKL_|KMP_|GOMP_|OPENBLAS_|TORCH|CUDA|LD_|PYTHON(?!PATH$|UNBUFFERED$)|MALLOC)")
 COLD = "NORMSWEEP_TEST_COLD"
+_HEADER = struct.Struct("!Q")  # the request's length, sent with the three file descriptors
 
 _SERVER_CODE = r"""
-import importlib, json, os, select, socket, sys
+import importlib, json, os, select, shutil, socket, struct, sys, traceback
 sys.path.insert(0, sys.argv[3])
 import warm_python                               # this file: the child's side, become()
 sys.path.remove(sys.argv[3])
@@ -55,34 +62,64 @@ listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 listener.bind(sys.argv[1])
 listener.listen(64)
 print("ready", flush=True)
-children = {}                                    # pid -> the connection that asked for it
-while True:
-    ready, _, _ = select.select([listener, sys.stdin], [], [], 0.02)
-    if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1024):
-        break                                    # the test process has gone: so do we
-    if listener in ready:
-        conn, _ = listener.accept()
-        message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+live = {}       # pid -> the connection that asked for it (None once the test hung up)
+ended = {}      # connection -> pid: its status was sent; reaped when the test hangs up
+
+def serve(conn):
+    header, fds, _, _ = socket.recv_fds(conn, warm_python._HEADER.size, 3)
+    try:
+        (size,) = warm_python._HEADER.unpack(header)
+        message = b""
+        while len(message) < size:
+            chunk = conn.recv(size - len(message))
+            if not chunk:
+                raise EOFError("the test hung up before its request was complete")
+            message += chunk
         pid = os.fork()
         if pid == 0:
-            for c in (listener, conn, *children.values()):
+            listener.close()
+            for c in [conn, *[c for c in live.values() if c], *ended]:
                 c.close()
             warm_python.become(json.loads(message), fds)   # never returns
+    finally:
         for fd in fds:
             os.close(fd)
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-        children[pid] = conn
-    while children:
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid == 0:
-            break
-        conn = children.pop(pid, None)
-        if conn is not None:
+    live[pid] = conn
+    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+
+while True:
+    watched = [listener, sys.stdin, *[c for c in live.values() if c], *ended]
+    ready, _, _ = select.select(watched, [], [], 0.02)
+    if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1024):
+        break                                    # the test process has gone: so do we
+    for conn in ready:
+        if conn is listener:
+            new, _ = listener.accept()
             try:
-                conn.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
-            except OSError:
-                pass                             # the test stopped waiting for it
+                serve(new)
+            except Exception:
+                traceback.print_exc()
+                new.close()
+        elif conn is not sys.stdin and not conn.recv(1):  # the test hung up
+            if conn in ended:
+                os.waitpid(ended.pop(conn), 0)
+            else:
+                live.update({pid: None for pid, c in live.items() if c is conn})
             conn.close()
+    for pid, conn in list(live.items()):        # who ended, without reaping: the pid stays taken
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is None:
+            continue
+        del live[pid]
+        code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        try:
+            conn.sendall(json.dumps({"returncode": code}).encode() + b"\n")
+            ended[conn] = pid
+        except (OSError, AttributeError):         # no one is waiting for it
+            os.waitpid(pid, 0)
+            if conn:
+                conn.close()
+shutil.rmtree(os.path.dirname(sys.argv[1]), ignore_errors=True)
 """
 
 
@@ -93,7 +130,6 @@ def become(request: dict, fds: list[int]) -> None:
     import importlib
     import io
     import runpy
-    import signal
     import traceback
     import types
 
@@ -109,32 +145,32 @@ def become(request: dict, fds: list[int]) -> None:
         os.environ.update(request["env"])
         unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
 
-        def stream(fd: int, mode: str, **kw):
-            raw = io.FileIO(fd, mode, closefd=False)
-            if mode == "r":
+        def stream(fd: int, write: bool, **kw):  # as CPython's create_stdio makes them
+            raw = io.FileIO(fd, "w" if write else "r", closefd=False)
+            if not write:
                 return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8")
-            return io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8", line_buffering=True,
-                                    write_through=unbuffered, **kw)  # fmt: skip
+            buffered = raw if unbuffered else io.BufferedWriter(raw)
+            line = os.isatty(fd) or fd == 2  # stderr is always line-buffered (3.9+), stdout on a terminal
+            return io.TextIOWrapper(buffered, encoding="utf-8", line_buffering=line, write_through=unbuffered, **kw)
 
-        sys.stdin = sys.__stdin__ = stream(0, "r")
-        sys.stdout = sys.__stdout__ = stream(1, "w")
-        sys.stderr = sys.__stderr__ = stream(2, "w", errors="backslashreplace")
+        sys.stdin = sys.__stdin__ = stream(0, False)
+        sys.stdout = sys.__stdout__ = stream(1, True)
+        sys.stderr = sys.__stderr__ = stream(2, True, errors="backslashreplace")
         extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         sys.path[1:1] = extra  # where PYTHONPATH goes: after the script's (or the cwd's) entry
         if any((Path(p) / "sitecustomize.py").is_file() for p in extra):
             sys.modules.pop("sitecustomize", None)
             importlib.import_module("sitecustomize")
+        main = types.ModuleType("__main__")  # a fresh __main__, not the server's
+        main.__builtins__ = builtins
+        sys.modules["__main__"] = main
+        sys.argv = [request["mode"], *request["args"]]
         if request["mode"] == "-m":
-            sys.argv = [request["target"], *request["args"]]
             sys.path[0] = os.getcwd()
-            runpy.run_module(request["target"], run_name="__main__", alter_sys=True)
+            runpy._run_module_as_main(request["target"], alter_argv=True)  # what `python -m` itself calls
         else:
-            sys.argv = ["-c", *request["args"]]
             sys.path[0] = ""
-            main = types.ModuleType("__main__")
-            main.__builtins__ = builtins
-            sys.modules["__main__"] = main
-            exec(compile(request["target"], "<string>", "exec"), main.__dict__)
+            exec(compile(request["target"], "<string>", "exec"), main.__dict__)  # noqa: S102 - what `python -c` does
         code = 0
     except SystemExit as stop:
         if stop.code is None or isinstance(stop.code, int):
@@ -145,7 +181,7 @@ def become(request: dict, fds: list[int]) -> None:
     except KeyboardInterrupt:
         traceback.print_exc()
         interrupted = True
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - an uncaught exception: the interpreter prints it and exits 1
         traceback.print_exc()
         code = 1
     try:  # what the interpreter does on its way out
@@ -153,7 +189,7 @@ def become(request: dict, fds: list[int]) -> None:
         atexit._run_exitfuncs()
         for f in (sys.stdout, sys.stderr):
             f.flush()
-    except BaseException:
+    except BaseException:  # noqa: BLE001
         traceback.print_exc()
     if interrupted:  # as CPython does after an uncaught KeyboardInterrupt: die of SIGINT
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -183,6 +219,17 @@ class _Server:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def stop(self) -> None:
+        """End the server (its running children go on) and remove its directory."""
+        if self.alive():
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
 
 _servers: dict[tuple, _Server] = {}
 _servers_lock = threading.Lock()
@@ -196,6 +243,21 @@ def _get_server(environ: dict[str, str] | None = None) -> _Server:
         if key not in _servers or not _servers[key].alive():
             _servers[key] = _Server(import_env)
         return _servers[key]
+
+
+def stop_server(environ: dict[str, str] | None = None) -> None:
+    """Stop the server for ``environ``'s import-time variables, if one runs (each holds about 1 GB)."""
+    key = tuple(sorted(_import_time_env(dict(os.environ if environ is None else environ)).items()))
+    with _servers_lock:
+        server = _servers.pop(key, None)
+    if server is not None:
+        server.stop()
+
+
+@atexit.register
+def _stop_servers() -> None:
+    for server in list(_servers.values()):
+        server.stop()
 
 
 def _warm_spec(cmd: Any, env: dict[str, str] | None, kwargs: dict) -> dict | None:
@@ -215,23 +277,28 @@ class Popen:
 
     def __init__(self, cmd, cwd=None, env=None, stdin=None, stdout=None, stderr=None, **kwargs) -> None:
         self.args = cmd
+        self.returncode: int | None = None
         spec = _warm_spec(cmd, env, kwargs)
         self._cold = None
         if spec is None:
             self._cold = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr, **kwargs)
-            self.pid, self.stdout, self.stderr = self._cold.pid, self._cold.stdout, self._cold.stderr
+            self.pid, self.stdin, self.stdout, self.stderr = (self._cold.pid, self._cold.stdin, self._cold.stdout,
+                                                              self._cold.stderr)  # fmt: skip
             return
         text = bool(kwargs.get("text") or kwargs.get("universal_newlines") or kwargs.get("encoding"))
         spec["cwd"] = str(cwd if cwd is not None else os.getcwd())
         close_after: list[int] = []
-        self.stdout = self.stderr = None
+        self.stdin = self.stdout = self.stderr = None
 
         def target(stream, name: str) -> int:
+            """The fd the child gets as ``name``; a pipe's other end becomes ``self.<name>``."""
             if stream == subprocess.PIPE:
                 r, w = os.pipe()
-                setattr(self, name, open(r, "r" if text else "rb", **({"encoding": "utf-8"} if text else {})))
-                close_after.append(w)
-                return w
+                ours, theirs = (w, r) if name == "stdin" else (r, w)
+                mode = ("w" if name == "stdin" else "r") + ("" if text else "b")
+                setattr(self, name, open(ours, mode, **({"encoding": "utf-8"} if text else {})))  # noqa: SIM115
+                close_after.append(theirs)
+                return theirs
             if stream == subprocess.DEVNULL or (name == "stdin" and stream is None):
                 fd = os.open(os.devnull, os.O_RDWR)
                 close_after.append(fd)
@@ -243,14 +310,17 @@ class Popen:
         fd_in = target(stdin, "stdin")
         fd_out = target(stdout, "stdout")
         fd_err = fd_out if stderr == subprocess.STDOUT else target(stderr, "stderr")
+        message = json.dumps(spec).encode()
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._conn.connect(_get_server(spec["env"]).socket)
-        socket.send_fds(self._conn, [json.dumps(spec).encode()], [fd_in, fd_out, fd_err])
-        for fd in close_after:
-            os.close(fd)
+        try:
+            self._conn.connect(_get_server(spec["env"]).socket)
+            socket.send_fds(self._conn, [_HEADER.pack(len(message))], [fd_in, fd_out, fd_err])
+            self._conn.sendall(message)
+        finally:
+            for fd in close_after:
+                os.close(fd)
         self._buffer = b""
         self.pid = self._message(None)["pid"]
-        self.returncode: int | None = None
 
     def _message(self, timeout: float | None) -> dict | None:
         """The server's next line about this process, or None if none came within ``timeout`` seconds."""
@@ -261,25 +331,26 @@ class Popen:
                 return None
             chunk = self._conn.recv(4096)
             if not chunk:
-                raise RuntimeError(f"the warm-start server lost process {self.pid}")
+                raise RuntimeError(f"the warm-start server lost process {getattr(self, 'pid', '?')}")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return json.loads(line)
 
     def _status(self, timeout: float | None) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
         if self._cold is not None:
-            return self._cold.poll() if timeout == 0 else self._cold.wait(timeout)
-        if self.returncode is None:
+            self.returncode = self._cold.poll() if timeout == 0 else self._cold.wait(timeout)
+        else:
             message = self._message(timeout)
             if message is not None:
                 self.returncode = message["returncode"]
-                self._conn.close()
+                self._conn.close()  # the server reaps the process now
         return self.returncode
 
     # -- what the tests use of Popen's interface
     def poll(self) -> int | None:
-        self.returncode = self._status(0)
-        return self.returncode
+        return self._status(0)
 
     def wait(self, timeout: float | None = None) -> int:
         if self._status(timeout) is None:
@@ -291,6 +362,8 @@ class Popen:
             out = self._cold.communicate(timeout=timeout)
             self.returncode = self._cold.returncode
             return out
+        if self.stdin is not None:
+            self.stdin.close()
         deadline = None if timeout is None else time.monotonic() + timeout
         results: dict[str, Any] = {}
         readers = [threading.Thread(target=lambda n=n, f=f: results.__setitem__(n, f.read()), daemon=True)
@@ -308,14 +381,14 @@ class Popen:
         return results.get("stdout"), results.get("stderr")
 
     def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
+        if self.poll() is None:  # until the test has its status the process is at most a zombie: the pid is its
             os.kill(self.pid, sig)
 
     def terminate(self) -> None:
-        self.send_signal(15)
+        self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        self.send_signal(9)
+        self.send_signal(signal.SIGKILL)
 
 
 def run(cmd, cwd=None, env=None, capture_output: bool = False, timeout: float | None = None, check: bool = False,
