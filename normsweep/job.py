@@ -173,11 +173,11 @@ def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
 def _epochs_saved(out: Path, recorded: int | None) -> int:
     """The epochs a resume starts after: the checkpoint's, which a signal landing between the save of an
     epoch's checkpoint and the record's update leaves one ahead of ``recorded``."""
-    state = out / results.TRAINING_STATE_FILE
+    state, recorded = out / results.TRAINING_STATE_FILE, recorded or 0
     try:
-        return max(recorded or 0, load_checkpoint(state)["epoch"]) if state.exists() else (recorded or 0)
+        return max(recorded, load_checkpoint(state)["epoch"]) if state.exists() else recorded
     except CheckpointError:
-        return recorded or 0
+        return recorded
 
 
 def _run_recorded(dcfg: DictConfig, out: Path, record: RunRecord, config: dict) -> float:

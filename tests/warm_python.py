@@ -51,76 +51,80 @@ IMPORT_TIME_ENV = re.compile(r"^(OMP_|MKL_|KMP_|GOMP_|OPENBLAS_|TORCH|CUDA|LD_|P
 COLD = "NORMSWEEP_TEST_COLD"
 _HEADER = struct.Struct("!Q")  # the request's length, sent with the three file descriptors
 
-_SERVER_CODE = r"""
-import importlib, json, os, select, shutil, socket, struct, sys, traceback
-sys.path.insert(0, sys.argv[3])
-import warm_python                               # this file: the child's side, become()
-sys.path.remove(sys.argv[3])
-for name in json.loads(sys.argv[2]):
-    importlib.import_module(name)
-listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-listener.bind(sys.argv[1])
-listener.listen(64)
-print("ready", flush=True)
-live = {}       # pid -> the connection that asked for it (None once the test hung up)
-ended = {}      # connection -> pid: its status was sent; reaped when the test hangs up
+_SERVER_CODE = "import sys; sys.path.insert(0, sys.argv[3]); import warm_python; warm_python.serve(sys.argv[1], sys.argv[2])"
 
-def serve(conn):
-    header, fds, _, _ = socket.recv_fds(conn, warm_python._HEADER.size, 3)
-    try:
-        (size,) = warm_python._HEADER.unpack(header)
-        message = b""
-        while len(message) < size:
-            chunk = conn.recv(size - len(message))
-            if not chunk:
-                raise EOFError("the test hung up before its request was complete")
-            message += chunk
-        pid = os.fork()
-        if pid == 0:
-            listener.close()
-            for c in [conn, *[c for c in live.values() if c], *ended]:
-                c.close()
-            warm_python.become(json.loads(message), fds)   # never returns
-    finally:
-        for fd in fds:
-            os.close(fd)
-    live[pid] = conn
-    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
 
-while True:
-    watched = [listener, sys.stdin, *[c for c in live.values() if c], *ended]
-    ready, _, _ = select.select(watched, [], [], 0.02)
-    if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1024):
-        break                                    # the test process has gone: so do we
-    for conn in ready:
-        if conn is listener:
-            new, _ = listener.accept()
-            try:
-                serve(new)
-            except Exception:
-                traceback.print_exc()
-                new.close()
-        elif conn is not sys.stdin and not conn.recv(1):  # the test hung up
-            if conn in ended:
-                os.waitpid(ended.pop(conn), 0)
-            else:
-                live.update({pid: None for pid, c in live.items() if c is conn})
-            conn.close()
-    for pid, conn in list(live.items()):        # who ended, without reaping: the pid stays taken
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        if info is None:
-            continue
-        del live[pid]
-        code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+def serve(socket_path: str, preload: str) -> None:
+    """The server's loop (in its own process): fork a warm child per request, report its pid and its status."""
+    import importlib
+    import traceback
+
+    sys.path.pop(0)  # this file's directory, put there to import it
+    for name in json.loads(preload):
+        importlib.import_module(name)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    listener.listen(64)
+    print("ready", flush=True)
+    live: dict[int, socket.socket | None] = {}  # pid -> the connection that asked for it (None: the test hung up)
+    ended: dict[socket.socket, int] = {}  # connection -> pid: its status was sent; reaped when the test hangs up
+
+    def start(conn: socket.socket) -> None:
+        header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
         try:
-            conn.sendall(json.dumps({"returncode": code}).encode() + b"\n")
-            ended[conn] = pid
-        except (OSError, AttributeError):         # no one is waiting for it
-            os.waitpid(pid, 0)
-            if conn:
+            (size,) = _HEADER.unpack(header)
+            message = b""
+            while len(message) < size:
+                chunk = conn.recv(size - len(message))
+                if not chunk:
+                    raise EOFError("the test hung up before its request was complete")
+                message += chunk
+            pid = os.fork()
+            if pid == 0:
+                for c in [listener, conn, *[c for c in live.values() if c], *ended]:
+                    c.close()
+                become(json.loads(message), fds)  # never returns
+        finally:
+            for fd in fds:
+                os.close(fd)
+        live[pid] = conn
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+
+    while True:
+        watched = [listener, sys.stdin, *[c for c in live.values() if c], *ended]
+        ready, _, _ = select.select(watched, [], [], 0.02)
+        if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1024):
+            break  # the test process has gone: so do we
+        for conn in ready:
+            if conn is listener:
+                new, _ = listener.accept()
+                try:
+                    start(new)
+                except Exception:  # noqa: BLE001 - one bad request must not end the server
+                    traceback.print_exc()
+                    new.close()
+            elif conn is not sys.stdin and not conn.recv(1):  # the test hung up
+                if conn in ended:
+                    os.waitpid(ended.pop(conn), 0)
+                else:
+                    live.update({pid: None for pid, c in live.items() if c is conn})
                 conn.close()
-shutil.rmtree(os.path.dirname(sys.argv[1]), ignore_errors=True)
-"""
+        for pid, conn in list(live.items()):  # who ended, without reaping: the pid stays taken
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if info is None:
+                continue
+            del live[pid]
+            code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+            if conn is None:  # no one is waiting for it
+                os.waitpid(pid, 0)
+                continue
+            try:
+                conn.sendall(json.dumps({"returncode": code}).encode() + b"\n")
+                ended[conn] = pid
+            except OSError:
+                os.waitpid(pid, 0)
+                conn.close()
+    shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
 
 
 def become(request: dict, fds: list[int]) -> None:
