@@ -30,7 +30,7 @@ from .models import check_budget, count_params, model_from_config
 from .results import RunRecord
 from .resume import CheckpointError, load_checkpoint, previous_result, resume_hint
 from .runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
-from .signals import sigterm_interrupts
+from .signals import sigterm_interrupts, stopping_uninterrupted
 from .train import EpochStats, accuracy, predict, prepare_eval, train
 
 log = logging.getLogger(__name__)
@@ -189,24 +189,36 @@ def _run_recorded(dcfg: DictConfig, out: Path, record: RunRecord, config: dict) 
         tracker.start(config, record.to_dict())  # logger=tensorboard|mlflow: a missing package stops the run here
         return _run(cfg, out, record, tracker)
     except BaseException as e:  # record why, then let Hydra report it
-        record.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if isinstance(e, trial_hook.RunPruned):  # the search stopped this trial early
-            record.status = "pruned"
-            record.error = f"TrialPruned: {e}"
-            log.info("run pruned by the search: %s", e)
-        elif isinstance(e, KeyboardInterrupt):
-            record.status = "interrupted"
-            done = _epochs_saved(out, record.epochs_completed)
-            record.error = f"{type(e).__name__}: {e or 'Ctrl-C'} after epoch {done}; {resume_hint(out)}"
-            log.error("run interrupted after epoch %d of %d; %s", done, record.epochs, resume_hint(out))
-        else:
-            record.status = "failed"
-            record.error = credentials.redact(f"{type(e).__name__}: {e}")  # a client's error may quote its URL
-            record.traceback = credentials.redact(traceback.format_exc())
-            log.error("run failed: %s", e if isinstance(e, NormsweepError) else record.error)
-        record.write(out)
-        tracker.close(record.to_dict(), trackers.run_files(out))
+        with stopping_uninterrupted():  # a second signal (a requeue's SIGTERM) must not cut the record short
+            _record_the_stop(e, out, record, tracker)
         raise
+
+
+def _record_the_stop(e: BaseException, out: Path, record: RunRecord, tracker: trackers.Tracker) -> None:
+    """Why the run ended early, into ``record`` (results.json) and the tracker.
+
+    Interrupted: Ctrl-C, SIGTERM, and ``SystemExit`` raised inside the run (submitit's handler of a
+    time limit or a preemption exits so, after requeueing the job): the checkpoint stays and the
+    same command resumes. Pruned: the search stopped the trial. Anything else: failed.
+    """
+    record.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if isinstance(e, trial_hook.RunPruned):  # the search stopped this trial early
+        record.status = "pruned"
+        record.error = f"TrialPruned: {e}"
+        log.info("run pruned by the search: %s", e)
+    elif isinstance(e, (KeyboardInterrupt, SystemExit)):
+        record.status = "interrupted"
+        done = _epochs_saved(out, record.epochs_completed)
+        reason = e if not isinstance(e, KeyboardInterrupt) or str(e) else "Ctrl-C"
+        record.error = f"{type(e).__name__}: {reason} after epoch {done}; {resume_hint(out)}"
+        log.error("run interrupted after epoch %d of %d; %s", done, record.epochs, resume_hint(out))
+    else:
+        record.status = "failed"
+        record.error = credentials.redact(f"{type(e).__name__}: {e}")  # a client's error may quote its URL
+        record.traceback = credentials.redact(traceback.format_exc())
+        log.error("run failed: %s", e if isinstance(e, NormsweepError) else record.error)
+    record.write(out)
+    tracker.close(record.to_dict(), trackers.run_files(out))
 
 
 def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | None = None) -> float:

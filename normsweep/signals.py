@@ -8,8 +8,11 @@ nothing heavy, so the sweeper uses it without loading the training code.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
+
+log = logging.getLogger(__name__)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -35,3 +38,27 @@ def sigterm_interrupts():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stopping_uninterrupted():
+    """While the block runs, SIGTERM and Ctrl-C are logged, not raised: the code is already stopping and
+    the block records why (a run's results.json, a trial's state).
+
+    A second signal is common: submitit's handler for a time limit or a preemption (``SIGUSR2``)
+    requeues the job, which SIGTERMs it while the first stop is being written down. Raised there,
+    it would cut the record short. Main thread only, as :func:`sigterm_interrupts`.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum, frame):
+        log.warning("%s while stopping: finishing the record first", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

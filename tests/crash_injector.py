@@ -28,7 +28,11 @@ step, counted over the process's life, through every job of a multirun), at STAG
 * ``park`` - training stops there for good: other threads (a trial's heartbeats) run on, and a
              signal's handler still runs (SIGTERM's raises out of the step); the test does what it
              tests to this live run, then kills it;
-* ``hold`` - as ``park``, until the test releases every held process (:func:`release`).
+* ``hold`` - as ``park``, until the test releases every held process (:func:`release`);
+* ``exit-term`` - ``SystemExit(-1)`` raised there, as submitit's handler of a time limit or a
+             preemption (``SIGUSR2``) does once it has requeued the job; then a real ``SIGTERM``, as
+             the requeue sends, at the process's next write of ``results.json`` (the run recording
+             that stop), just before the file is renamed into place.
 
 A parked or held process says so with a file in ``NORMSWEEP_TEST_PARK_DIR`` (:func:`wait_parked`).
 Kill and park points are progress, not time: they land in a live run however fast the machine is.
@@ -46,6 +50,7 @@ if _spec:
     _seen = {"fsync": 0, "replace": 0, "append": 0}
     _record_text = os.environ.get("NORMSWEEP_TEST_RECORD", "").encode()
     _real_fsync, _real_replace = os.fsync, os.replace
+    _term_at_next_record = [False]  # armed by the step stage exit-term
 
     def _die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -85,6 +90,9 @@ if _spec:
         return _real_fsync(fd)
 
     def replace(src, dst, *args, **kwargs):  # noqa: ANN001
+        if _term_at_next_record[0] and os.path.basename(str(dst)) == "results.json":
+            _term_at_next_record[0] = False
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, before the rename
         if _stage in ("before-rename", "after-rename", "term-after-rename") and _is_target(dst) \
                 and str(src).endswith(".tmp"):  # fmt: skip
             _seen["replace"] += 1
@@ -116,7 +124,7 @@ if _spec and _name == "step":
 
     from torch.optim.optimizer import register_optimizer_step_pre_hook  # normsweep imports torch anyway
 
-    assert _stage in ("kill", "park", "hold"), f"{KILL_AT_VAR}={_spec}: a step's stage is kill, park or hold"
+    assert _stage in ("kill", "park", "hold", "exit-term"), f"{KILL_AT_VAR}={_spec}: a step's stage is kill, park, hold or exit-term"
     _steps = 0
 
     def _at_step(optimizer, args, kwargs) -> None:  # noqa: ANN001 - torch's optimizer step pre-hook
@@ -126,6 +134,9 @@ if _spec and _name == "step":
             return
         if _stage == "kill":
             _die()
+        if _stage == "exit-term":
+            _term_at_next_record[0] = True
+            raise SystemExit(-1)
         park_dir = os.environ[PARK_DIR_VAR]
         open(_parked_file(park_dir, os.getpid()), "w").close()
         while _stage == "park" or not os.path.exists(os.path.join(park_dir, RELEASE)):

@@ -163,6 +163,23 @@ def test_a_sigterm_just_after_an_epoch_s_checkpoint_is_saved_reports_the_epoch_t
 
 
 @pytest.mark.slow
+def test_a_second_signal_while_the_run_records_its_stop_does_not_cut_the_record_short(tmp_path: Path, data_args) -> None:
+    # Slurm's time limit as submitit handles it: SIGUSR2, the job requeued, SystemExit(-1) raised in the
+    # training step; the requeue's SIGTERM then lands while the run writes down that it stopped.
+    run_dir, shim = tmp_path / "run", injector_dir(tmp_path)
+    args = ("trainer.epochs=3", *data_args, f"hydra.run.dir={run_dir}")
+    spec = f"step:{2 * steps_per_epoch(len(CLASSES) * PER_CLASS, args) + 1}:exit-term"  # epoch 3's first step
+    stopped = cli(*args, environ=env(shim, spec))
+    assert stopped.returncode == 255, stopped.stdout[-3000:]  # SystemExit(-1)
+    assert "SIGTERM while stopping: finishing the record first" in stopped.stdout, stopped.stdout[-3000:]
+    assert "run interrupted after epoch 2 of 3" in stopped.stdout, stopped.stdout[-3000:]
+    record = json.loads((run_dir / results.RESULTS_FILE).read_text())
+    assert record["status"] == "interrupted" and record["error"].startswith("SystemExit: -1 after epoch 2;"), record
+    again = cli(*args)
+    assert again.returncode == 0 and "resuming from checkpoint.pt after epoch 2 of 3" in again.stdout, again.stdout[-3000:]
+
+
+@pytest.mark.slow
 def test_completed_runs_are_skipped_and_kept_as_they_are(tmp_path: Path, data_args) -> None:
     sweep = tmp_path / "sweep"
     args = ("-m", "norm=batch,layer", "trainer.epochs=1", *data_args, f"hydra.sweep.dir={sweep}")
