@@ -32,7 +32,7 @@ import pandas as pd  # noqa: E402
 from .columns import SETTINGS, setting_text, varying_columns, with_known_settings  # noqa: E402
 from .data import CLASSES  # noqa: E402
 from .norms import NORMS  # noqa: E402
-from .results import PREDICTIONS_FILE, RunRecord, atomic_write  # noqa: E402
+from .results import PREDICTIONS_FILE, RESULTS_FILE, RunRecord, atomic_write  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -252,19 +252,29 @@ def _load_test_images(root: str, fmt: str, cache_dir: str | None) -> tuple[np.nd
 
 
 def plot_mispredicted(job_dir: Path, out: Path, k: int = 25) -> Path:
+    """``mispredicted.png``: up to ``k`` test images the run got wrong, 5 a row, each under its true and
+    predicted class. One canvas in one axes (not an axes per image): four times faster to draw, and
+    a sweep draws one per run."""
     result = RunRecord.read(job_dir)
     images, classes = _test_images(result)
     index, target, pred = mispredicted(job_dir, k)
-    cols = 5
+    cols, pad, above = 5, 4, 10  # images a row; canvas pixels between images and above each (its caption)
     rows = max(1, int(np.ceil(len(index) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2))
-    for ax in np.ravel(axes):
-        ax.axis("off")
-    for ax, i, t, p in zip(np.ravel(axes), index, target, pred):
-        ax.imshow(images[i], interpolation="nearest")
-        ax.set_title(f"true: {classes[t]}\npred: {classes[p]}", fontsize=8, color="tab:red")
+    h, w = images.shape[1:3]
+    cell_w, cell_h = w + pad, h + above
+    canvas = np.full((rows * cell_h, cols * cell_w, 3), 255, dtype=np.uint8)
+    inch = 1.9 / cell_w  # of a canvas pixel: 1.9 in per image column
+    fig, ax = plt.subplots(figsize=(cols * 1.9, rows * cell_h * inch + 0.6))
+    for n, (i, t, p) in enumerate(zip(index, target, pred)):
+        y, x = divmod(n, cols)
+        top, left = y * cell_h + above, x * cell_w + pad // 2
+        canvas[top : top + h, left : left + w] = images[i]
+        ax.text(left + w / 2, top - 0.5, f"true: {classes[t]}\npred: {classes[p]}", ha="center", va="bottom",
+                fontsize=8, color="tab:red")  # fmt: skip
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
     fig.suptitle(f"Mispredicted test images — {result.norm} norm, test acc {result.final_test_acc:.1f}%")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / fig.get_figheight())
     _save(fig, out / "mispredicted.png", 110)
     plt.close(fig)
     return out / "mispredicted.png"
@@ -293,6 +303,15 @@ def plot_confusion(job_dir: Path, out: Path, classes: tuple[str, ...]) -> Path:
     return out / "confusion.png"
 
 
+def _up_to_date(outputs: list[Path], inputs: list[Path]) -> bool:
+    """Whether every output exists and was written after every input last changed (strictly: a tie, within
+    the filesystem's timestamp granularity, counts as changed)."""
+    try:
+        return min(o.stat().st_mtime_ns for o in outputs) > max(i.stat().st_mtime_ns for i in inputs)
+    except FileNotFoundError:
+        return False
+
+
 def write_plots(df: pd.DataFrame, sweep_dirs: list[Path], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = plot_curves(df, out)
@@ -304,6 +323,10 @@ def write_plots(df: pd.DataFrame, sweep_dirs: list[Path], out: Path) -> list[Pat
             continue
         run_out = out / path.name
         run_out.mkdir(exist_ok=True)
+        drawn = [run_out / "mispredicted.png", run_out / "confusion.png"]
+        if _up_to_date(drawn, [path / PREDICTIONS_FILE, path / RESULTS_FILE]):
+            written += drawn  # a report run again over a grown or resumed sweep redraws only the runs that changed
+            continue
         try:
             written.append(plot_mispredicted(path, run_out))
             classes = RunRecord.read(path).classes or CLASSES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,35 @@ def test_curves_and_bars_are_drawn(sweep: Path) -> None:
         path = sweep / "plots" / name
         assert path.stat().st_size > 10_000, name
     assert (sweep / "results.csv").exists()  # per-run image plots need the data: skipped, tables kept
+
+
+def test_a_report_run_again_redraws_only_the_runs_whose_files_changed(sweep: Path, monkeypatch) -> None:
+    from normsweep import plots
+
+    monkeypatch.setattr(plots, "_load_test_images", lambda *a: (np.zeros((20, 32, 32, 3), np.uint8), tuple("abcdefghij")))
+    drawn: list[str] = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: (drawn.append(path.relative_to(sweep / "plots").as_posix()),
+                                                                save(fig, path, dpi)))  # fmt: skip
+    per_run = lambda: sorted(d for d in drawn if "/" in d)  # noqa: E731
+    for f in sweep.glob("*/*"):  # runs that finished a while ago
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 10**9))
+    write_report([sweep])
+    completed = sorted(p.parent.name for p in sweep.glob("*/results.json") if json.loads(p.read_text())["status"] == "completed")
+    assert per_run() == sorted(f"{j}/{f}" for j in completed for f in ("confusion.png", "mispredicted.png"))
+
+    drawn.clear()
+    write_report([sweep])  # nothing changed: only the sweep's own figures are drawn again
+    assert per_run() == [] and "test_accuracy.png" in drawn
+    assert (sweep / "plots" / completed[0] / "mispredicted.png").stat().st_size > 10_000
+
+    drawn.clear()
+    changed = sweep / completed[1] / "results.json"  # a run resumed or re-run since
+    changed.write_text(changed.read_text().replace('"final_test_acc": 82.0', '"final_test_acc": 84.0'))
+    later = (sweep / "plots" / completed[1] / "confusion.png").stat().st_mtime_ns + 10**9
+    os.utime(changed, ns=(later, later))
+    write_report([sweep])
+    assert per_run() == [f"{completed[1]}/confusion.png", f"{completed[1]}/mispredicted.png"]
 
 
 def test_a_running_record_is_running_while_its_process_lives_and_stopped_after(tmp_path: Path) -> None:
