@@ -70,6 +70,11 @@ def test_config_differences_ignore_keys_that_do_not_change_results() -> None:
     a = {"optimizer": {"lr": 0.1}, "trainer": {"progress": True, "epochs": 3}, "data": {"root": "a"}}
     b = {"optimizer": {"lr": 0.2}, "trainer": {"progress": False, "epochs": 3}, "data": {"root": "/abs/a"}}
     assert config_differences(a, b) == ["optimizer.lr"]
+    # A search's own settings change between rounds (n_trials, max_failure_rate): a trial retried in a
+    # later round still resumes its checkpoint (found when the full-fidelity search's retry refused it).
+    s = {"search": {"n_trials": 2, "max_failure_rate": 0.5, "params": {"optimizer.lr": "interval(0.01, 1)"}}}
+    t = {"search": {"n_trials": 4, "max_failure_rate": 0.7, "params": {"optimizer.lr": "interval(0.1, 1)"}}}
+    assert config_differences({**a, **s}, {**a, **t}) == []
 
 
 # ------------------------------------------------------------------ through the CLI
