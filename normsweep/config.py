@@ -320,14 +320,16 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "trainer.device", "trainer.threads", "trainer.progress", "trainer.compile", "trainer.reuse_memory",
     *(f"budget.{f.name}" for f in fields(BudgetConfig)),
     "logger", *(f"logger.{f.name}" for f in fields(LoggerConfig)),  # where a run is also logged
-    "search",  # and every search.* key: how trials are chosen and scheduled, not what a trial's run computes
 )  # fmt: skip
+# And every key under these: a search's own settings say how trials are chosen and scheduled, not what a
+# trial's run computes (a trial retried in a later round, with other search settings, resumes its checkpoint).
+RESULT_NEUTRAL_PREFIXES: tuple[str, ...] = ("search.",)
 
 
 def is_result_neutral(key: str) -> bool:
     """Whether ``key`` (e.g. ``trainer.threads``, or an override ``+trainer.threads=2``) is in :data:`RESULT_NEUTRAL_KEYS`."""
     key = key.split("=", 1)[0].lstrip("+~")
-    return key in RESULT_NEUTRAL_KEYS or key.split(".", 1)[0] == "search"
+    return key in RESULT_NEUTRAL_KEYS or key.startswith(RESULT_NEUTRAL_PREFIXES)
 
 
 def register_configs() -> None:
