@@ -30,7 +30,7 @@ from .models import check_budget, count_params, model_from_config
 from .results import RunRecord
 from .resume import CheckpointError, load_checkpoint, previous_result, resume_hint
 from .runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
-from .signals import sigterm_interrupts, stopping_uninterrupted
+from .signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
 from .train import EpochStats, accuracy, predict, prepare_eval, train
 
 log = logging.getLogger(__name__)
@@ -209,8 +209,7 @@ def _record_the_stop(e: BaseException, out: Path, record: RunRecord, tracker: tr
     elif isinstance(e, (KeyboardInterrupt, SystemExit)):
         record.status = "interrupted"
         done = _epochs_saved(out, record.epochs_completed)
-        reason = e if not isinstance(e, KeyboardInterrupt) or str(e) else "Ctrl-C"
-        record.error = f"{type(e).__name__}: {reason} after epoch {done}; {resume_hint(out)}"
+        record.error = f"{stop_reason(e)} after epoch {done}; {resume_hint(out)}"
         log.error("run interrupted after epoch %d of %d; %s", done, record.epochs, resume_hint(out))
     else:
         record.status = "failed"

@@ -40,6 +40,11 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+def stop_reason(e: BaseException) -> str:
+    """``Type: message`` of what stopped a run or a search worker; a bare Ctrl-C says so."""
+    return f"{type(e).__name__}: {str(e) or ('Ctrl-C' if isinstance(e, KeyboardInterrupt) else 'no message')}"
+
+
 @contextlib.contextmanager
 def stopping_uninterrupted():
     """While the block runs, SIGTERM and Ctrl-C are logged, not raised: the code is already stopping and

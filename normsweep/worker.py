@@ -45,7 +45,7 @@ from . import trial_hook
 from .config import SearchConfig, register_configs
 from .results import RESULTS_FILE, RunRecord
 from .search import JOB_SUBDIR_ATTR, SearchError, free_slot, heartbeat, search_config, take_trial
-from .signals import sigterm_interrupts, stopping_uninterrupted
+from .signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
 from .storage import open_storage, resolve_storage, storage_file, trial_slot_lock
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class SearchWorker:
             with stopping_uninterrupted(), trial_slot_lock(spec, study.study_name):
                 frozen = study._storage.get_trial(trial._trial_id)
                 if frozen.state == optuna.trial.TrialState.RUNNING:
-                    free_slot(study, frozen, f"worker stopped ({type(e).__name__}: {str(e) or 'Ctrl-C'}) during the trial; "
+                    free_slot(study, frozen, f"worker stopped ({stop_reason(e)}) during the trial; "
                                              f"its slot is free and its parameters run again")  # fmt: skip
             raise
         finally:
