@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .config import SearchConfig
-from .results import write_text
 from .search import (
-    FINISHED,
     SearchError,
     current_values,
     enqueue_current,
@@ -40,6 +37,7 @@ from .search import (
     uses_slot,
 )
 from .storage import open_storage, resolve_storage
+from .studies import study_summary, write_studies
 from .worker import SearchWorker, StudyPlan
 
 log = logging.getLogger(__name__)
@@ -76,19 +74,16 @@ class OptunaSweeper(Sweeper):
             self._prepare_study(name, spec, storage, cfg, dims, list(point), fixed)
             worker.plans.append(StudyPlan(name, tuple(fixed + list(point))))
         errors = self._run_workers(launcher, cfg.workers, fixed)
-        summaries = []
-        for plan in worker.plans:
-            study = optuna.load_study(study_name=plan.name, storage=storage)
-            write_optuna_plots(study, self.sweep_dir / "optuna" / plan.name)
-            summaries.append(self._study_summary(study))
-        self._write_summary(summaries)
+        studies = [optuna.load_study(study_name=plan.name, storage=storage) for plan in worker.plans]
+        lines = write_studies(studies, self.sweep_dir)
+        log.info("search results: %s\n%s", self.sweep_dir / "optimization_results.md", "\n".join(lines[2:]))
         if errors:
             raise SearchError(
                 f"search workers stopped before the search was done ({'; '.join(errors)}). The storage holds every "
                 f"trial told so far, and workers still running go on; run the same command again to continue (a trial "
                 f"left RUNNING by a dead worker is failed after search.grace_period and runs again from its checkpoint)"
             )
-        return summaries
+        return [study_summary(study) for study in studies]
 
     def _prepare_study(self, name: str, spec: str, storage, cfg: SearchConfig, dims: dict, point: list[str],
                        fixed: list[str]) -> None:  # fmt: skip
@@ -152,60 +147,3 @@ class OptunaSweeper(Sweeper):
             else:
                 log.info("search worker %d: %s", i, ret.return_value)
         return errors
-
-    @staticmethod
-    def _study_summary(study: optuna.Study) -> dict:
-        trials = study.get_trials(deepcopy=False)
-        counts = {s.name: sum(t.state == s for t in trials) for s in FINISHED}
-        summary: dict[str, Any] = {"study": study.study_name, "overrides": study.user_attrs.get("overrides", []),
-                                   "trials": counts}  # fmt: skip
-        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if complete:
-            best = study.best_trial
-            summary.update(best_trial=best.number, best_params=dict(best.params), best_val_acc=best.value,
-                           best_test_acc=best.user_attrs.get("final_test_acc"),
-                           best_job_dir=best.user_attrs.get("job_dir"))  # fmt: skip
-        return summary
-
-    def _write_summary(self, summaries: list[dict]) -> None:
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create({"studies": summaries}), self.sweep_dir / "optimization_results.yaml")
-        lines = ["# Best settings per study (objective: final validation accuracy)", "",
-                 "| study | grid point | best params | best val acc | test acc of that trial | complete / pruned / failed |",
-                 "|---|---|---|---|---|---|"]  # fmt: skip
-        for s in summaries:
-            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.get("best_params", {}).items())
-            val = f"{s['best_val_acc']:.2f}" if s.get("best_val_acc") is not None else "—"
-            test = f"{s['best_test_acc']:.2f}" if s.get("best_test_acc") is not None else "—"
-            t = s["trials"]
-            lines.append(f"| {s['study']} | {' '.join(s['overrides']) or '—'} | {params or '—'} | {val} | {test} | "
-                         f"{t['COMPLETE']} / {t['PRUNED']} / {t['FAIL']} |")  # fmt: skip
-        write_text(self.sweep_dir / "optimization_results.md", "\n".join(lines) + "\n")
-        log.info("search results: %s\n%s", self.sweep_dir / "optimization_results.md", "\n".join(lines[2:]))
-
-
-def write_optuna_plots(study: optuna.Study, out: Path) -> list[Path]:
-    """Optuna's own figures (optimization history, parameter importances, slices) as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    plots = {"history": ovm.plot_optimization_history, "importances": ovm.plot_param_importances,
-             "slice": ovm.plot_slice}  # fmt: skip
-    for name, plot in plots.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "experimental" notices and tight_layout hints
-                ax = plot(study)
-                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-                fig.tight_layout()
-            fig.savefig(out / f"{name}.png", dpi=110)
-            plt.close(fig)
-            written.append(out / f"{name}.png")
-        except Exception as e:  # e.g. importances need >1 completed trial and >1 distinct value
-            log.info("optuna %s plot skipped for %s: %s", name, study.study_name, e)
-    return written

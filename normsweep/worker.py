@@ -111,8 +111,10 @@ def tell_from_job(study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Pa
     if job_dir and (job_dir / RESULTS_FILE).exists():
         res = RunRecord.read(job_dir)
         error = res.error
-        if res.status == "running":  # the job stopped before it recorded anything of its own
-            error = f"the job stopped before recording its run (results.json says running); {job_dir / 'normsweep.log'} says why"
+        earlier = res.trial is not None and res.trial != trial.number and res.status != "completed"
+        if res.status == "running" or earlier:  # the job stopped before it recorded anything of its own
+            found = f"trial {res.trial}'s record, {res.status}" if earlier else "results.json says running"
+            error = f"the job stopped before recording its run ({found}); {job_dir / 'normsweep.log'} says why"
         if res.status == "completed" and res.final_val_acc is not None:
             state, value = optuna.trial.TrialState.COMPLETE, float(res.final_val_acc)
         elif res.status == "pruned":

@@ -47,6 +47,40 @@ def test_command_line_intervals_are_dimensions_other_sweeps_are_a_grid() -> None
     assert to_distribution("norm.groups", dims["norm.groups"]).choices == (2, 4)
 
 
+def told(job_dir: Path, number: int) -> optuna.trial.FrozenTrial:
+    """What the study records when trial ``number``'s job left ``job_dir`` as it is."""
+    from normsweep.worker import tell_from_job
+
+    study = optuna.create_study(direction="maximize")
+    for _ in range(number + 1):
+        trial = study.ask()
+    tell_from_job(study, trial, job_dir)
+    return study.get_trials()[-1]
+
+
+@pytest.mark.parametrize(
+    "status, trial, state, error",
+    [
+        ("running", 5, "FAIL", "the job stopped before recording its run (results.json says running); "),
+        # A retry whose job refused to start (another config's checkpoint) left the stopped trial's record:
+        # the study once blamed the retry for that trial's "RunInterrupted: stopped by signal SIGTERM".
+        ("interrupted", 4, "FAIL", "the job stopped before recording its run (trial 4's record, interrupted); "),
+        ("interrupted", 5, "FAIL", "RunInterrupted: stopped by signal SIGTERM after epoch 3"),  # its own stop
+        ("completed", 4, "COMPLETE", None),  # the same parameters' finished run, skipped by the job: its result
+    ],
+)
+def test_a_trial_is_told_from_its_own_record_only(tmp_path: Path, status, trial, state, error) -> None:
+    from normsweep.results import RunRecord
+
+    RunRecord(status=status, trial=trial, error="RunInterrupted: stopped by signal SIGTERM after epoch 3" if
+              status == "interrupted" else None, final_val_acc=80.0 if status == "completed" else None,
+              final_test_acc=79.0).write(tmp_path)  # fmt: skip
+    t = told(tmp_path, 5)
+    assert t.state.name == state and t.user_attrs.get("error", "").startswith(error or "") and (error or not t.user_attrs.get("error"))
+    if error and error.startswith("the job stopped"):
+        assert t.user_attrs["error"].endswith(f"{tmp_path / 'normsweep.log'} says why")
+
+
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
     return [*small_data_args(tmp_path_factory), "trainer.threads=1", "trainer.epochs=1"]
