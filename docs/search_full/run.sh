@@ -29,5 +29,7 @@ for n in $(seq "$STEP" "$STEP" "$TRIALS"); do
       search.max_failure_rate=0.7 \
       "trainer.threads=$THREADS" "trainer.device=$DEVICE" "${launch[@]}" "data.root=$DATA" "hydra.sweep.dir=$RUNS/$norm" "$@" \
       || echo "=== $(date -Is) $norm round $n exited with $?"
+    # The evidence beside the journal, current after every study's round (optimization_results, trials.md, plots).
+    [ "${STORAGE#journal:}" != "$STORAGE" ] && "$PY" -m normsweep.studies "$STORAGE" --out "$(dirname "${STORAGE#journal:}")" > /dev/null
   done
 done
