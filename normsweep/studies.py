@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from .credentials import redact
 from .errors import NormsweepError
-from .results import write_text
+from .results import atomic_write, write_text
 from .search import FINISHED
 from .storage import open_storage, resolve_storage, storage_file
 
@@ -110,7 +110,8 @@ def write_optuna_plots(study: optuna.Study, out: Path) -> list[Path]:
                 ax = plot(study)
                 fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
                 fig.tight_layout()
-            fig.savefig(out / f"{name}.png", dpi=110)
+            # atomic: two search processes that share a storage may write these at the same time
+            atomic_write(out / f"{name}.png", lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
             plt.close(fig)
             written.append(out / f"{name}.png")
         except Exception as e:  # e.g. importances need >1 completed trial and >1 distinct value
