@@ -111,7 +111,7 @@ def write_optuna_plots(study: optuna.Study, out: Path) -> list[Path]:
                 fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
                 fig.tight_layout()
             # atomic: two search processes that share a storage may write these at the same time
-            atomic_write(out / f"{name}.png", lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+            atomic_write(out / f"{name}.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
             plt.close(fig)
             written.append(out / f"{name}.png")
         except Exception as e:  # e.g. importances need >1 completed trial and >1 distinct value

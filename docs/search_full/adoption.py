@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from normsweep.report import collect, welch
+from normsweep.results import write_text
 
 METRICS = {"final_val_acc": "final val", "final_test_acc": "final test", "final_test_acc_tta": "test, flip TTA"}
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(args.candidate, args.recipes, args.norm)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        write_text(args.out, text)  # atomic, like every file normsweep writes
     return 0
 
 
