@@ -147,6 +147,9 @@ HEARTBEAT_ATTR = "normsweep:heartbeat"  # system attr: time.time() of the trial'
 # System attr on a trial failed through no fault of its parameters (its worker died or was stopped): it frees its slot.
 STALE_ATTR = "normsweep:stale"
 JOB_SUBDIR_ATTR = "job_subdir"  # user attr: the trial's job directory under the sweep dir (a retry reuses it)
+JOB_DIR_ATTR = "job_dir"  # user attr: the trial's job directory, absolute (set when its job starts)
+# User attr of a retry: its first attempt's job directory, whose checkpoint it resumes from when it runs elsewhere.
+RETRY_JOB_DIR_ATTR = "retry_of_job_dir"
 
 
 def uses_slot(t: optuna.trial.FrozenTrial) -> bool:
@@ -161,14 +164,20 @@ def free_slot(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> 
     ``search.n_trials`` (:func:`uses_slot`: the mark is set before the state changes, so no
     worker counting meanwhile sees it hold a slot it has lost); its parameters are enqueued, and
     the worker that asks for them next runs them in the same job directory, so the job resumes
-    from the checkpoint of its last finished epoch. Callers hold the study's slot lock.
+    from the checkpoint of its last finished epoch (a worker of a command with another
+    ``hydra.sweep.dir`` copies that checkpoint: ``worker.carry_checkpoint``). Callers hold the
+    study's slot lock.
     """
     storage = study._storage
     storage.set_trial_user_attr(t._trial_id, "error", reason)
     storage.set_trial_system_attr(t._trial_id, STALE_ATTR, True)
     storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     subdir = t.user_attrs.get(JOB_SUBDIR_ATTR) or f"{study.study_name}/trial_{t.number}"
-    study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number, JOB_SUBDIR_ATTR: subdir})
+    attrs = {"retry_of": t.number, JOB_SUBDIR_ATTR: subdir}
+    first = t.user_attrs.get(RETRY_JOB_DIR_ATTR) or t.user_attrs.get(JOB_DIR_ATTR)  # a retry's retry: the first
+    if first:
+        attrs[RETRY_JOB_DIR_ATTR] = first
+    study.enqueue_trial(dict(t.params), user_attrs=attrs)
     log.warning("study %s: trial %d failed: %s", study.study_name, t.number, reason)
 
 

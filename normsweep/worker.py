@@ -21,13 +21,17 @@ as many finished trials to learn from as the parallelism allows.
 A worker stopped by a signal (Ctrl-C, SIGTERM: ``scancel``, preemption, ``scontrol requeue``)
 fails its running trial and frees its slot (:func:`normsweep.search.free_slot`); one killed
 outright leaves it RUNNING until the heartbeat rule fails it. Either way the trial's parameters
-are enqueued again and run in the same job directory, resuming from its checkpoint.
+are enqueued again and run in the same job directory, resuming from its checkpoint; a command
+re-run with another ``hydra.sweep.dir`` (the default one is timestamped) resumes it from a copy of
+that checkpoint (:func:`carry_checkpoint`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
 import socket
 import time
 from collections import deque
@@ -43,8 +47,8 @@ from omegaconf import DictConfig, open_dict
 
 from . import trial_hook
 from .config import SearchConfig, register_configs
-from .results import RESULTS_FILE, RunRecord
-from .search import JOB_SUBDIR_ATTR, SearchError, free_slot, heartbeat, search_config, take_trial
+from .results import RESULTS_FILE, TRAINING_STATE_FILE, RunRecord, atomic_write
+from .search import JOB_DIR_ATTR, JOB_SUBDIR_ATTR, RETRY_JOB_DIR_ATTR, SearchError, free_slot, heartbeat, search_config, take_trial
 from .signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
 from .storage import open_storage, resolve_storage, storage_file, trial_slot_lock
 
@@ -104,6 +108,27 @@ def load_studies(storage, spec: str, plans: list[StudyPlan], pruner: optuna.prun
     return studies
 
 
+def carry_checkpoint(first: Optional[str], job_dir: Path, trial_number: int) -> None:
+    """Give a retried trial the checkpoint of its first attempt when that ran in another directory.
+
+    A worker of a command re-run with another ``hydra.sweep.dir`` runs the retry of a stopped
+    trial in its own sweep dir; the job there resumes from copies of ``first``'s checkpoint and
+    ``results.json`` (the job checks, as for any resume, that its config is the same), so no
+    finished epoch is trained again. ``first`` itself is left as it was. Nothing is copied when
+    ``job_dir`` already has a checkpoint, or ``first`` has none (or is not visible here).
+    """
+    if not first or Path(first).resolve() == job_dir.resolve() or (job_dir / TRAINING_STATE_FILE).exists():
+        return
+    source = Path(first)
+    if not (source / TRAINING_STATE_FILE).is_file():
+        log.info("trial %d: its first attempt left no checkpoint in %s; it trains from epoch 1", trial_number, source)
+        return
+    for name in (RESULTS_FILE, TRAINING_STATE_FILE):  # the checkpoint last: it is what makes the job resume
+        if (source / name).is_file():
+            atomic_write(job_dir / name, functools.partial(shutil.copyfile, source / name))
+    log.info("trial %d resumes from its first attempt's checkpoint, copied from %s", trial_number, source)
+
+
 def tell_from_job(study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Path]) -> optuna.trial.TrialState:
     """Tell the study how the trial's job went, from the ``results.json`` it wrote."""
     state, value, error = optuna.trial.TrialState.FAIL, None, "no results.json"
@@ -120,7 +145,7 @@ def tell_from_job(study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Pa
         elif res.status == "pruned":
             state = optuna.trial.TrialState.PRUNED
     if job_dir:
-        trial.set_user_attr("job_dir", str(job_dir))
+        trial.set_user_attr(JOB_DIR_ATTR, str(job_dir))
     trial.set_user_attr("epochs_completed", res.epochs_completed if res else None)
     if res and res.final_test_acc is not None:
         trial.set_user_attr("final_test_acc", res.final_test_acc)
@@ -201,6 +226,9 @@ class SearchWorker:
                 config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
                 with open_dict(config):
                     config.hydra.job.id = config.hydra.job.num = trial.number
+                job_dir = Path(self.launch_dir, config.hydra.sweep.dir, subdir).absolute()
+                trial.set_user_attr(JOB_DIR_ATTR, str(job_dir))  # where a retry finds its checkpoint
+                carry_checkpoint(trial.user_attrs.get(RETRY_JOB_DIR_ATTR), job_dir, trial.number)
                 ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                               job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
         except Exception as e:  # the job could not be composed or started: this trial's own failure

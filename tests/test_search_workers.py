@@ -204,7 +204,7 @@ def test_two_joblib_workers_prune_inside_and_run_exactly_n_trials_together(tmp_p
 
 
 @pytest.mark.slow
-def test_a_sigterm_d_worker_frees_its_trial_and_the_same_command_resumes_every_trial_from_its_checkpoint(
+def test_a_sigterm_d_worker_frees_its_trial_and_the_command_resumes_every_trial_from_its_checkpoint_in_any_sweep_dir(
     tmp_path: Path, data_args
 ) -> None:
     spec = f"journal:{tmp_path / 'study.journal'}"
@@ -228,15 +228,18 @@ def test_a_sigterm_d_worker_frees_its_trial_and_the_same_command_resumes_every_t
     other = trials[running[1].number]
     if other.state == State.RUNNING:
         wait_for(lambda: time.time() - other.system_attrs[HEARTBEAT_ATTR] > 8, 60, "the dead worker's trial to go stale")
-    again = normsweep(*args)  # the same command
+    # The same command, but in another sweep dir (as a plain re-run gets: the default one is timestamped).
+    again = normsweep(*[a.replace(str(tmp_path / "sweep"), str(tmp_path / "sweep2")) for a in args])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     trials = {t.number: t for t in all_trials(spec)}
     counted = [t for t in trials.values() if uses_slot(t)]
     assert len(counted) == 2, [(t.number, t.state) for t in trials.values()]
     for stopped in (victim, other):
-        retry = check_retried_from_checkpoint(trials, stopped, tmp_path / "sweep")
+        retry = check_retried_from_checkpoint(trials, stopped, tmp_path / "sweep2")
         assert retry in counted
         res = json.loads((Path(retry.user_attrs["job_dir"]) / "results.json").read_text())
         assert res["status"] == "completed" and [e["epoch"] for e in res["history"]] == list(range(1, 21))
         assert sorted(retry.intermediate_values) == list(range(1, 21))  # its checkpoint's epochs, then its own
-    assert set(pd.read_csv(tmp_path / "sweep" / "results.csv")["status"]) == {"completed"}  # the table is whole again
+        first_dir = tmp_path / "sweep" / stopped.user_attrs[JOB_SUBDIR_ATTR]  # the first attempt's, left as it was
+        assert (first_dir / "checkpoint.pt").exists() and json.loads((first_dir / "results.json").read_text())["status"] != "completed"
+    assert set(pd.read_csv(tmp_path / "sweep2" / "results.csv")["status"]) == {"completed"}  # the new table is whole
