@@ -1,7 +1,7 @@
 """The docs stay true: every relative link and #anchor resolves, every `python -m normsweep` command composes.
 
 A renamed key, option or page breaks this test, not the reader. Commands are taken from fenced code
-blocks (continuation lines joined) and inline code spans of README.md and docs/*.md; each is
+blocks (continuation lines joined) and inline code spans of README.md, docs/*.md and docs/*/README.md; each is
 parsed as Hydra parses it and composed through the compose API. Placeholders in capitals
 (``norm=N``, ``hydra.sweep.dir=SWEEP``) only need their key to exist; a sweep
 (``norm=batch,group,layer``) is composed once per value; a search dimension (``interval(...)``,
@@ -23,7 +23,7 @@ from normsweep.config import to_config
 
 from .conftest import REPO, compose_config
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "docs").glob("*/README.md"))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -69,7 +69,7 @@ def commands() -> list[tuple[str, str]]:
         for chunk in blocks + spans:
             for line in chunk.splitlines() if chunk in blocks else [chunk.replace("\n", " ")]:
                 for m in re.finditer(r"python -m normsweep(?=\s|$)(.*)", line):
-                    found.append((page.name, "python -m normsweep" + m.group(1)))
+                    found.append((str(page.relative_to(REPO)), "python -m normsweep" + m.group(1)))
     return found
 
 
