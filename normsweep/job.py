@@ -23,7 +23,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
-from . import credentials, results, trackers, trial_hook
+from . import credentials, recipes, results, trackers, trial_hook
 from .config import Config, ConfigError, NormsweepError, to_config
 from .data import load_raw, make_splits
 from .models import check_budget, count_params, model_from_config
@@ -150,13 +150,15 @@ def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
     if previous is not None:
         log.info("%s already holds this run, completed: skipping it (delete it to run again)", out.resolve())
         return float(previous.final_val_acc)
+    choices, overrides = _choices(), _overrides()
+    recipes.warn_recipe_conflicts(dcfg, overrides, choices)
     record = RunRecord(
         status="running",
         norm=dcfg.norm.kind.value,
         arch=dcfg.model.arch.value,
-        choices=_choices(),
+        choices=choices,
         epochs=dcfg.trainer.epochs,
-        overrides=_overrides(),
+        overrides=overrides,
         trial=trial_hook.ACTIVE.number if trial_hook.ACTIVE else None,
         config=config,
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

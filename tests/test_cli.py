@@ -140,6 +140,18 @@ def assert_grid_shows_only_mispredicted(job: Path) -> None:
 SMALL = ("trainer.epochs=1", "data.train_size=200", "data.test_size=200")  # after data_args: these win
 
 
+def test_a_recipe_that_overrides_a_chosen_group_is_named_in_each_job_s_log(tmp_path, data_args) -> None:
+    sweep = tmp_path / "multirun"
+    proc = normsweep("-m", "norm=frn,batch", "optimizer=adam", "trainer.epochs=1", *data_args, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = {p.parent.name.split("norm=")[1].split(",")[0]: p.read_text() for p in sweep.glob("*/normsweep.log")}
+    assert "sets optimizer.lr=0.1 (conf/recipe/frn.yaml) instead of optimizer=adam's 0.003" in logs["frn"]
+    assert "optimizer.weight_decay=0.001 (conf/recipe/batch.yaml) instead of optimizer=adam's 0.0" in logs["batch"]
+    assert "optimizer.lr" not in logs["batch"].split("recipe, tuned")[1].splitlines()[0]  # batch's recipe keeps the lr
+    res = json.loads(next(sweep.glob("*norm=frn*/results.json")).read_text())
+    assert res["config"]["optimizer"]["lr"] == 0.1  # a warning, not a change: the run is what was composed
+
+
 def test_every_new_norm_trains_through_the_cli_and_reaches_the_report(tmp_path, data_args) -> None:
     sweep, norms = tmp_path / "multirun", ["batch_renorm", "frn", "evonorm_s0", "evonorm_b0"]
     proc = normsweep("-m", f"norm={','.join(norms)}", *data_args, *SMALL, "trainer.batch_size=32",
