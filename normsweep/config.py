@@ -326,6 +326,17 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
 RESULT_NEUTRAL_PREFIXES: tuple[str, ...] = ("search.",)
 
 
+def dotted(d: dict, prefix: str = "") -> dict:
+    """``{"norm": {"kind": "batch"}}`` -> ``{"norm.kind": "batch"}``: a config as its keys (an empty dict is a value)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def is_result_neutral(key: str) -> bool:
     """Whether ``key`` (e.g. ``trainer.threads``, or an override ``+trainer.threads=2``) is in :data:`RESULT_NEUTRAL_KEYS`."""
     key = key.split("=", 1)[0].lstrip("+~")

@@ -15,19 +15,11 @@ from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from .config import dotted
+
 log = logging.getLogger(__name__)
 
 NO_RECIPE = "shared"  # recipe=shared: the groups' defaults as they are (conf/recipe/shared.yaml is empty)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _yaml(value) -> str:
@@ -61,8 +53,8 @@ def recipe_conflicts(
     if not recipe or recipe == NO_RECIPE or not groups:
         return []
     without = compose([o for o in overrides if not o.lstrip("+~").startswith("recipe=")] + [f"recipe={NO_RECIPE}"])
-    with_recipe = _flat(OmegaConf.to_container(cfg, resolve=True))
-    plain = _flat(OmegaConf.to_container(without, resolve=True))
+    with_recipe = dotted(OmegaConf.to_container(cfg, resolve=True))
+    plain = dotted(OmegaConf.to_container(without, resolve=True))
     return [
         f"{key}={_yaml(with_recipe[key])} (conf/recipe/{recipe}.yaml) instead of {group}={choices[group]}'s "
         f"{_yaml(plain.get(key))}"

@@ -19,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from .config import NormsweepError, is_result_neutral
+from .config import NormsweepError, dotted, is_result_neutral
 from .results import RESULTS_FILE, TRAINING_STATE_FILE, EpochRecord, RunRecord, UnsafeFileError, load_torch, save_torch
 
 CHECKPOINT_VERSION = 1
@@ -74,19 +74,9 @@ def load_checkpoint(path: Path) -> dict:
         ) from e
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(old: dict, new: dict) -> list[str]:
     """Keys whose values differ between two run configs, ignoring those that do not affect results."""
-    a, b = _flat(old), _flat(new)
+    a, b = dotted(old), dotted(new)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not is_result_neutral(k))
 
 

@@ -34,7 +34,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import LoggerConfig, LoggerKind, NormsweepError
+from .config import LoggerConfig, LoggerKind, NormsweepError, dotted
 from .credentials import redact, redact_logs
 from .results import RESULTS_FILE, SUMMARY_FILE, TRAINING_STATE_FILE, EpochRecord, write_json
 from .train import EpochStats
@@ -59,15 +59,9 @@ def _missing(extra: str, err: ImportError) -> TrackerMissing:
     )
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"norm": {"kind": "batch"}}`` -> ``{"norm.kind": "batch"}``; lists become their text."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v) if isinstance(v, (list, tuple, dict)) else v
-    return out
+def flatten(d: dict) -> dict[str, Any]:
+    """The config as dotted keys (``config.dotted``) with lists and dicts as their text, as trackers' params are."""
+    return {k: str(v) if isinstance(v, (list, tuple, dict)) else v for k, v in dotted(d).items()}
 
 
 class Tracker:
