@@ -48,7 +48,10 @@ from omegaconf import DictConfig, open_dict
 from . import trial_hook
 from .config import SearchConfig, register_configs
 from .results import RESULTS_FILE, TRAINING_STATE_FILE, RunRecord, atomic_write
-from .search import JOB_DIR_ATTR, JOB_SUBDIR_ATTR, RETRY_JOB_DIR_ATTR, SearchError, free_slot, heartbeat, search_config, take_trial
+from .search import (
+    JOB_DIR_ATTR, JOB_SUBDIR_ATTR, RETRY_JOB_DIR_ATTR, SearchError, free_slot, heartbeat, search_config, take_trial,
+    uses_slot,
+)
 from .signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
 from .storage import open_storage, resolve_storage, storage_file, trial_slot_lock
 
@@ -156,6 +159,27 @@ def tell_from_job(study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Pa
     return state
 
 
+def progress(study: optuna.Study, number: int, n_trials: int, seconds: float) -> str:
+    """One line on trial ``number``'s outcome and where its study stands, for the worker's log."""
+    trials = study.get_trials(deepcopy=False)
+    t = next(t for t in trials if t.number == number)
+    outcome = {"fail": "failed"}.get(t.state.name.lower(), t.state.name.lower())
+    if t.state == optuna.trial.TrialState.COMPLETE:
+        outcome += f", validation {t.value:.2f}%"
+    elif t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values:
+        last = max(t.intermediate_values)
+        outcome += f" after epoch {last} ({t.intermediate_values[last]:.2f}%)"
+    elif t.state == optuna.trial.TrialState.FAIL:
+        outcome += f" ({t.user_attrs.get('error', 'no reason recorded')})"
+    done = [t for t in trials if uses_slot(t) and t.state != optuna.trial.TrialState.RUNNING]
+    count = {s: sum(t.state.name.lower() == s for t in done) for s in ("complete", "pruned", "fail")}
+    complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value, default=None)
+    best_text = f"best {best.value:.2f}% (trial {best.number})" if best else "no trial complete yet"
+    return (f"study {study.study_name}: trial {number} {outcome} in {seconds:.0f} s; {len(done)} of {n_trials} "
+            f"finished ({count['complete']} complete, {count['pruned']} pruned, {count['fail']} failed), {best_text}")
+
+
 class SearchWorker:
     """What a worker job runs: a picklable task function the sweeper hands to the launcher.
 
@@ -200,6 +224,9 @@ class SearchWorker:
                 if trial is None:  # this study has its trials (or failed too often): serve the others
                     continue
                 queue.append((plan, study))
+                log.info("study %s: trial %d starts (worker %d)%s", study.study_name, trial.number, index,
+                         "".join(f", {k}={v:.4g}" if isinstance(v, float) else f", {k}={v}"
+                                 for k, v in trial.params.items()))  # fmt: skip
                 t0 = time.time()
                 try:
                     self.run_trial(study, trial, plan, cfg, spec)
@@ -207,6 +234,7 @@ class SearchWorker:
                     busy += time.time() - t0
                     if worker_logging is not None:
                         configure_log(worker_logging.job_logging, worker_logging.verbose)
+                log.info("%s", progress(study, trial.number, cfg.n_trials, time.time() - t0))
                 ran.append(trial.number)
         total = time.time() - started
         log.info("search worker %d: %d trials in %.0f s, %.1f s of it outside trial jobs", index, len(ran), total,

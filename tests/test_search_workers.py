@@ -98,6 +98,44 @@ def test_a_worker_serves_every_study_round_robin_from_its_own_and_stops_at_n_tri
         assert len(optuna.load_study(study_name=name, storage=storage).get_trials()) == 2
 
 
+def test_a_worker_logs_each_trial_s_start_with_its_parameters_and_its_outcome_with_the_study_s_standing(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    spec = f"journal:{tmp_path / 's.journal'}"
+    optuna.create_study(study_name="s", storage=open_storage(spec), direction="maximize")
+    outcomes = iter(["complete", "pruned", "fail", "complete"])
+
+    def run_trial(self, study, trial, plan, cfg, spec) -> None:  # no job: the outcome is told at once
+        outcome = next(outcomes)
+        if outcome == "complete":
+            study.tell(trial, 100 * trial.params["x"])
+        elif outcome == "pruned":
+            trial.report(42.0, 3)
+            study.tell(trial, state=State.PRUNED)
+        else:
+            trial.set_user_attr("error", "RuntimeError: loss is nan")
+            study.tell(trial, state=State.FAIL)
+
+    monkeypatch.setattr(SearchWorker, "run_trial", run_trial)
+    config = OmegaConf.create({"search": {"n_trials": 4, "storage": spec, "max_failure_rate": 0.9},
+                               "hydra": {"runtime": {"cwd": str(tmp_path)}}})  # fmt: skip
+    worker = SearchWorker(hydra_context=None, task_function=None, config=config, dims=DIMS,
+                          pruner=optuna.pruners.NopPruner(), plans=[StudyPlan("s", ())])  # fmt: skip
+    with caplog.at_level("INFO", logger="normsweep.worker"):
+        worker.serve(index=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "normsweep.worker"]
+    trials = all_trials(spec)
+    x0 = trials[0].params["x"]
+    assert f"study s: trial 0 starts (worker 1), x={x0:.4g}" in lines
+    best = max((t for t in trials if t.state == State.COMPLETE), key=lambda t: t.value)
+    (done,) = [line for line in lines if line.startswith("study s: trial 3 complete")]
+    assert f"validation {trials[3].value:.2f}%" in done
+    assert f"4 of 4 finished (2 complete, 1 pruned, 1 failed), best {best.value:.2f}% (trial {best.number})" in done
+    (pruned,) = [line for line in lines if line.startswith("study s: trial 1 pruned")]
+    assert "trial 1 pruned after epoch 3 (42.00%)" in pruned and "2 of 4 finished (1 complete, 1 pruned, 0 failed)" in pruned
+    assert any(line.startswith("study s: trial 2 failed (RuntimeError: loss is nan)") for line in lines)
+
+
 def test_a_worker_that_cannot_see_the_storage_file_says_so_naming_search_storage(tmp_path: Path) -> None:
     missing = f"journal:{tmp_path / 'on-the-login-node' / 'study.journal'}"
     with pytest.raises(SearchError, match=r"search.storage=journal:.*does not exist on .*login-node-1.*filesystem all nodes share"):
