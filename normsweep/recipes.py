@@ -42,25 +42,34 @@ def chosen_groups(overrides: Sequence[str], choices: dict) -> list[str]:
 def recipe_conflicts(
     cfg: DictConfig, overrides: Sequence[str], choices: dict, compose: Callable[[list[str]], DictConfig]
 ) -> list[str]:
-    """What the recipe changed in the groups the command line chose, one line per key.
+    """What the recipe changed of the options the command line chose, one line per key.
 
-    ``cfg`` is the job's config (the recipe applied); ``compose(overrides)`` composes the same
-    config for other overrides, here the command's with ``recipe=shared``. Empty when no recipe
-    applies or no group was chosen (then nothing is composed).
+    A key is named when the chosen option sets it otherwise than the group's default option does
+    (``optimizer=adamw``'s weight decay, not its unset ``base_batch_size``; nothing for an explicit
+    ``optimizer=sgd``) and the recipe changed it. ``cfg`` is the job's config (the recipe
+    applied); ``compose(overrides)`` composes the same config for other overrides: the command's
+    with ``recipe=shared``, and that without the group choices. Empty, and nothing composed, when
+    no recipe applies or no group was chosen.
     """
     recipe = choices.get("recipe")
     groups = chosen_groups(overrides, choices)
     if not recipe or recipe == NO_RECIPE or not groups:
         return []
-    without = compose([o for o in overrides if not o.lstrip("+~").startswith("recipe=")] + [f"recipe={NO_RECIPE}"])
-    with_recipe = dotted(OmegaConf.to_container(cfg, resolve=True))
-    plain = dotted(OmegaConf.to_container(without, resolve=True))
+    plain = [o for o in overrides if not o.lstrip("+~").startswith("recipe=")] + [f"recipe={NO_RECIPE}"]
+    defaults = [o for o in plain if o.split("=", 1)[0].lstrip("+~") not in groups]
+
+    def keys(c: DictConfig) -> dict:
+        return dotted(OmegaConf.to_container(c, resolve=True, enum_to_str=True))
+
+    recipe_keys, chosen_keys, default_keys = keys(cfg), keys(compose(plain)), keys(compose(defaults))
     return [
-        f"{key}={_yaml(with_recipe[key])} (conf/recipe/{recipe}.yaml) instead of {group}={choices[group]}'s "
-        f"{_yaml(plain.get(key))}"
+        f"{key}={_yaml(recipe_keys[key])} (conf/recipe/{recipe}.yaml) instead of {group}={choices[group]}'s "
+        f"{_yaml(chosen_keys.get(key))}"
         for group in groups
-        for key in sorted(with_recipe)
-        if key.startswith(f"{group}.") and with_recipe[key] != plain.get(key)
+        for key in sorted(recipe_keys)
+        if key.startswith(f"{group}.")
+        and recipe_keys[key] != chosen_keys.get(key)
+        and chosen_keys.get(key) != default_keys.get(key)
     ]
 
 
@@ -76,7 +85,7 @@ def warn_recipe_conflicts(cfg: DictConfig, overrides: Sequence[str], choices: di
     try:
         lines = recipe_conflicts(cfg, overrides, choices, lambda ov: compose(config_name=name, overrides=ov))
     except Exception as e:  # noqa: BLE001 - a warning must never stop a run
-        log.debug("could not compare the recipe with the chosen groups: %s", e)
+        log.info("could not compare the %s recipe with the config groups chosen (%s): not checked", choices["recipe"], e)
         return
     if lines:
         recipe = choices["recipe"]

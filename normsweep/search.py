@@ -148,8 +148,9 @@ HEARTBEAT_ATTR = "normsweep:heartbeat"  # system attr: time.time() of the trial'
 STALE_ATTR = "normsweep:stale"
 JOB_SUBDIR_ATTR = "job_subdir"  # user attr: the trial's job directory under the sweep dir (a retry reuses it)
 JOB_DIR_ATTR = "job_dir"  # user attr: the trial's job directory, absolute (set when its job starts)
-# User attr of a retry: its first attempt's job directory, whose checkpoint it resumes from when it runs elsewhere.
-RETRY_JOB_DIR_ATTR = "retry_of_job_dir"
+# User attr of a retry: the job directories of the trial's earlier attempts, newest first; it resumes from the
+# newest checkpoint among them when it runs in another directory (worker.carry_checkpoint).
+EARLIER_JOB_DIRS_ATTR = "earlier_job_dirs"
 
 
 def uses_slot(t: optuna.trial.FrozenTrial) -> bool:
@@ -165,8 +166,8 @@ def free_slot(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> 
     worker counting meanwhile sees it hold a slot it has lost); its parameters are enqueued, and
     the worker that asks for them next runs them in the same job directory, so the job resumes
     from the checkpoint of its last finished epoch (a worker of a command with another
-    ``hydra.sweep.dir`` copies that checkpoint: ``worker.carry_checkpoint``). Callers hold the
-    study's slot lock.
+    ``hydra.sweep.dir`` copies the newest checkpoint of the trial's attempts:
+    ``worker.carry_checkpoint``). Callers hold the study's slot lock.
     """
     storage = study._storage
     storage.set_trial_user_attr(t._trial_id, "error", reason)
@@ -174,9 +175,10 @@ def free_slot(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> 
     storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     subdir = t.user_attrs.get(JOB_SUBDIR_ATTR) or f"{study.study_name}/trial_{t.number}"
     attrs = {"retry_of": t.number, JOB_SUBDIR_ATTR: subdir}
-    first = t.user_attrs.get(RETRY_JOB_DIR_ATTR) or t.user_attrs.get(JOB_DIR_ATTR)  # a retry's retry: the first
-    if first:
-        attrs[RETRY_JOB_DIR_ATTR] = first
+    earlier = [t.user_attrs[JOB_DIR_ATTR]] if t.user_attrs.get(JOB_DIR_ATTR) else []
+    earlier += [d for d in t.user_attrs.get(EARLIER_JOB_DIRS_ATTR, []) if d not in earlier]
+    if earlier:
+        attrs[EARLIER_JOB_DIRS_ATTR] = earlier
     study.enqueue_trial(dict(t.params), user_attrs=attrs)
     log.warning("study %s: trial %d failed: %s", study.study_name, t.number, reason)
 

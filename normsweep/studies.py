@@ -30,7 +30,8 @@ from .storage import open_storage, resolve_storage, storage_file
 log = logging.getLogger(__name__)
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
+    """A parameter's value as the tables show it (floats to 4 significant digits)."""
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -53,7 +54,7 @@ def summary_markdown(summaries: list[dict]) -> list[str]:
              "| study | grid point | best params | best val acc | test acc of that trial | complete / pruned / failed |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for s in summaries:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in s.get("best_params", {}).items())
+        params = ", ".join(f"{k}={fmt_value(v)}" for k, v in s.get("best_params", {}).items())
         val = f"{s['best_val_acc']:.2f}" if s.get("best_val_acc") is not None else "—"
         test = f"{s['best_test_acc']:.2f}" if s.get("best_test_acc") is not None else "—"
         t = s["trials"]
@@ -85,7 +86,7 @@ def trials_markdown(study: optuna.Study) -> list[str]:
         note = "; ".join(n for n in notes if n)
         cells = [str(t.number), t.state.name, f"{t.value:.2f}" if t.value is not None else "—",
                  f"{test:.2f}" if isinstance(test, (int, float)) else "—",
-                 *(_fmt(t.params[k]) if k in t.params else "—" for k in keys),
+                 *(fmt_value(t.params[k]) if k in t.params else "—" for k in keys),
                  str(max(t.intermediate_values)) if t.intermediate_values else "—", note.replace("|", "/")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

@@ -23,11 +23,12 @@ fails its running trial and frees its slot (:func:`normsweep.search.free_slot`);
 outright leaves it RUNNING until the heartbeat rule fails it. Either way the trial's parameters
 are enqueued again and run in the same job directory, resuming from its checkpoint; a command
 re-run with another ``hydra.sweep.dir`` (the default one is timestamped) resumes it from a copy of
-that checkpoint (:func:`carry_checkpoint`).
+the newest checkpoint of its attempts (:func:`carry_checkpoint`).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -47,13 +48,16 @@ from omegaconf import DictConfig, open_dict
 
 from . import trial_hook
 from .config import SearchConfig, register_configs
+from .credentials import recorded_config
 from .results import RESULTS_FILE, TRAINING_STATE_FILE, RunRecord, atomic_write
+from .resume import config_differences
 from .search import (
-    JOB_DIR_ATTR, JOB_SUBDIR_ATTR, RETRY_JOB_DIR_ATTR, SearchError, free_slot, heartbeat, search_config, take_trial,
+    EARLIER_JOB_DIRS_ATTR, JOB_DIR_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, heartbeat, search_config, take_trial,
     uses_slot,
 )
 from .signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
 from .storage import open_storage, resolve_storage, storage_file, trial_slot_lock
+from .studies import fmt_value, study_summary
 
 log = logging.getLogger(__name__)
 
@@ -111,25 +115,61 @@ def load_studies(storage, spec: str, plans: list[StudyPlan], pruner: optuna.prun
     return studies
 
 
-def carry_checkpoint(first: Optional[str], job_dir: Path, trial_number: int) -> None:
-    """Give a retried trial the checkpoint of its first attempt when that ran in another directory.
+def carry_checkpoint(earlier: list[str], job_dir: Path, trial_number: int, config: Optional[dict]) -> None:
+    """Give a retried trial the checkpoint of an earlier attempt that ran in another directory.
 
     A worker of a command re-run with another ``hydra.sweep.dir`` runs the retry of a stopped
-    trial in its own sweep dir; the job there resumes from copies of ``first``'s checkpoint and
-    ``results.json`` (the job checks, as for any resume, that its config is the same), so no
-    finished epoch is trained again. ``first`` itself is left as it was. Nothing is copied when
-    ``job_dir`` already has a checkpoint, or ``first`` has none (or is not visible here).
+    trial in its own sweep dir; the job there resumes from copies of the newest checkpoint among
+    ``earlier`` (the attempts' job directories, newest first) and its ``results.json``, so no
+    finished epoch is trained again. The earlier directories are left as they were. Nothing is
+    copied into a ``job_dir`` that holds a run already (its own resume decides), or from an attempt
+    of another ``config`` (the job's run config, as ``results.json`` records it; None: not compared).
     """
-    if not first or Path(first).resolve() == job_dir.resolve() or (job_dir / TRAINING_STATE_FILE).exists():
+    if (job_dir / TRAINING_STATE_FILE).exists() or (job_dir / RESULTS_FILE).exists():
         return
-    source = Path(first)
-    if not (source / TRAINING_STATE_FILE).is_file():
-        log.info("trial %d: its first attempt left no checkpoint in %s; it trains from epoch 1", trial_number, source)
+    for source in map(Path, earlier):
+        if source.resolve() == job_dir.resolve():
+            continue
+        if not source.is_dir():
+            log.info("trial %d: the job directory of its earlier attempt, %s, is not visible here", trial_number, source)
+            continue
+        record = _readable_record(source)
+        if not (source / TRAINING_STATE_FILE).is_file():
+            done = record is not None and record.status == "completed"
+            log.info("trial %d: its earlier attempt in %s %s", trial_number, source,
+                     "completed, but its worker stopped before telling the study: it trains again" if done
+                     else "left no checkpoint")  # fmt: skip
+            continue
+        differ = config_differences(record.config, config) if record is not None and config is not None else []
+        if differ:
+            log.info("trial %d: its earlier attempt's checkpoint in %s is of another config (differs in %s): it "
+                     "trains from epoch 1", trial_number, source, ", ".join(differ))  # fmt: skip
+            return
+        for name in (RESULTS_FILE, TRAINING_STATE_FILE):  # the checkpoint last: it is what makes the job resume
+            if (source / name).is_file():
+                atomic_write(job_dir / name, functools.partial(shutil.copyfile, source / name))
+        log.info("trial %d resumes from its earlier attempt's checkpoint, copied from %s", trial_number, source)
         return
-    for name in (RESULTS_FILE, TRAINING_STATE_FILE):  # the checkpoint last: it is what makes the job resume
-        if (source / name).is_file():
-            atomic_write(job_dir / name, functools.partial(shutil.copyfile, source / name))
-    log.info("trial %d resumes from its first attempt's checkpoint, copied from %s", trial_number, source)
+
+
+def run_config(config: DictConfig) -> Optional[dict]:
+    """The config a trial's job records (``results.json``'s ``config``), from its composed Hydra config; None if it
+    cannot be resolved here."""
+    job = copy.deepcopy(config)
+    with open_dict(job):
+        del job["hydra"]
+    try:
+        return recorded_config(job)
+    except Exception as e:  # noqa: BLE001 - only a comparison is lost: the job itself will say what is wrong
+        log.info("cannot resolve the trial's config outside its job (%s): its earlier checkpoint is not compared", e)
+        return None
+
+
+def _readable_record(job_dir: Path) -> Optional[RunRecord]:
+    try:
+        return RunRecord.read(job_dir) if (job_dir / RESULTS_FILE).is_file() else None
+    except ValueError:
+        return None
 
 
 def tell_from_job(study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Path]) -> optuna.trial.TrialState:
@@ -160,9 +200,12 @@ def tell_from_job(study: optuna.Study, trial: optuna.Trial, job_dir: Optional[Pa
 
 
 def progress(study: optuna.Study, number: int, n_trials: int, seconds: float) -> str:
-    """One line on trial ``number``'s outcome and where its study stands, for the worker's log."""
-    trials = study.get_trials(deepcopy=False)
-    t = next(t for t in trials if t.number == number)
+    """One line on trial ``number``'s outcome and where its study stands, for the worker's log.
+
+    The counts are ``studies.study_summary``'s (every trial in each state); the trials of stopped or
+    dead workers, which gave their slots back (:func:`normsweep.search.uses_slot`), are said apart.
+    """
+    t = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     outcome = {"fail": "failed"}.get(t.state.name.lower(), t.state.name.lower())
     if t.state == optuna.trial.TrialState.COMPLETE:
         outcome += f", validation {t.value:.2f}%"
@@ -171,13 +214,15 @@ def progress(study: optuna.Study, number: int, n_trials: int, seconds: float) ->
         outcome += f" after epoch {last} ({t.intermediate_values[last]:.2f}%)"
     elif t.state == optuna.trial.TrialState.FAIL:
         outcome += f" ({t.user_attrs.get('error', 'no reason recorded')})"
-    done = [t for t in trials if uses_slot(t) and t.state != optuna.trial.TrialState.RUNNING]
-    count = {s: sum(t.state.name.lower() == s for t in done) for s in ("complete", "pruned", "fail")}
-    complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
-    best = max(complete, key=lambda t: t.value, default=None)
-    best_text = f"best {best.value:.2f}% (trial {best.number})" if best else "no trial complete yet"
-    return (f"study {study.study_name}: trial {number} {outcome} in {seconds:.0f} s; {len(done)} of {n_trials} "
-            f"finished ({count['complete']} complete, {count['pruned']} pruned, {count['fail']} failed), {best_text}")
+    summary = study_summary(study)
+    count = summary["trials"]
+    retried = sum(not uses_slot(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
+    finished = count["COMPLETE"] + count["PRUNED"] + count["FAIL"] - retried
+    best = (f"best {summary['best_val_acc']:.2f}% (trial {summary['best_trial']})" if "best_trial" in summary
+            else "no trial complete yet")  # fmt: skip
+    return (f"study {study.study_name}: trial {number} {outcome} in {seconds:.0f} s; {finished} of {n_trials} "
+            f"finished ({count['COMPLETE']} complete, {count['PRUNED']} pruned, {count['FAIL'] - retried} failed"
+            f"{f', {retried} more stopped and retried' if retried else ''}), {best}")
 
 
 class SearchWorker:
@@ -224,9 +269,10 @@ class SearchWorker:
                 if trial is None:  # this study has its trials (or failed too often): serve the others
                     continue
                 queue.append((plan, study))
-                log.info("study %s: trial %d starts (worker %d)%s", study.study_name, trial.number, index,
-                         "".join(f", {k}={v:.4g}" if isinstance(v, float) else f", {k}={v}"
-                                 for k, v in trial.params.items()))  # fmt: skip
+                retry = trial.user_attrs.get("retry_of")
+                log.info("study %s: trial %d starts (worker %d%s): %s", study.study_name, trial.number, index,
+                         f", retrying trial {retry}" if retry is not None else "",
+                         ", ".join(f"{k}={fmt_value(v)}" for k, v in trial.params.items()))  # fmt: skip
                 t0 = time.time()
                 try:
                     self.run_trial(study, trial, plan, cfg, spec)
@@ -256,7 +302,8 @@ class SearchWorker:
                     config.hydra.job.id = config.hydra.job.num = trial.number
                 job_dir = Path(self.launch_dir, config.hydra.sweep.dir, subdir).absolute()
                 trial.set_user_attr(JOB_DIR_ATTR, str(job_dir))  # where a retry finds its checkpoint
-                carry_checkpoint(trial.user_attrs.get(RETRY_JOB_DIR_ATTR), job_dir, trial.number)
+                if trial.user_attrs.get(EARLIER_JOB_DIRS_ATTR):
+                    carry_checkpoint(trial.user_attrs[EARLIER_JOB_DIRS_ATTR], job_dir, trial.number, run_config(config))
                 ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                               job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
         except Exception as e:  # the job could not be composed or started: this trial's own failure

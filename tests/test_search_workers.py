@@ -21,9 +21,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from normsweep.config import SearchConfig
-from normsweep.search import HEARTBEAT_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, take_trial, uses_slot
+from normsweep.results import RunRecord
+from normsweep.search import (
+    EARLIER_JOB_DIRS_ATTR, HEARTBEAT_ATTR, JOB_DIR_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, take_trial, uses_slot,
+)
 from normsweep.storage import open_storage, storage_file
-from normsweep.worker import SearchWorker, StudyPlan, load_studies, open_shared_storage
+from normsweep.worker import SearchWorker, StudyPlan, carry_checkpoint, load_studies, open_shared_storage
 
 from . import warm_python
 from .conftest import REPO, small_data_args
@@ -126,7 +129,7 @@ def test_a_worker_logs_each_trial_s_start_with_its_parameters_and_its_outcome_wi
     lines = [r.getMessage() for r in caplog.records if r.name == "normsweep.worker"]
     trials = all_trials(spec)
     x0 = trials[0].params["x"]
-    assert f"study s: trial 0 starts (worker 1), x={x0:.4g}" in lines
+    assert f"study s: trial 0 starts (worker 1): x={x0:.4g}" in lines
     best = max((t for t in trials if t.state == State.COMPLETE), key=lambda t: t.value)
     (done,) = [line for line in lines if line.startswith("study s: trial 3 complete")]
     assert f"validation {trials[3].value:.2f}%" in done
@@ -167,6 +170,62 @@ def test_a_stopped_trial_frees_its_slot_and_its_parameters_run_again_in_its_job_
     assert retry.params == first.params and retry.user_attrs["retry_of"] == first.number
     assert retry.user_attrs[JOB_SUBDIR_ATTR] == "s/trial_0"
     assert take_trial(study, spec, cfg, DIMS) is None  # exactly n_trials again
+
+
+def attempt(job_dir: Path, status: str, checkpoint: str | None, lr: float = 0.2) -> Path:
+    """A trial attempt's job directory: its record and, unless None, a checkpoint holding ``checkpoint``."""
+    RunRecord(status=status, config={"optimizer": {"lr": lr}, "trainer": {"threads": 1}}).write(job_dir)
+    if checkpoint is not None:
+        (job_dir / "checkpoint.pt").write_text(checkpoint)
+    return job_dir
+
+
+def test_a_retry_in_another_sweep_dir_starts_from_a_copy_of_the_newest_checkpoint_of_its_attempts(
+    tmp_path: Path, caplog
+) -> None:
+    first = attempt(tmp_path / "A" / "s" / "trial_0", "interrupted", "epoch 5")
+    second = attempt(tmp_path / "B" / "s" / "trial_0", "interrupted", "epoch 8")
+    job = tmp_path / "C" / "s" / "trial_0"
+    config = {"optimizer": {"lr": 0.2}, "trainer": {"threads": 2}}  # threads: result-neutral, so the same run
+    with caplog.at_level("INFO", logger="normsweep.worker"):
+        carry_checkpoint([str(tmp_path / "gone"), str(second), str(first)], job, 3, config)
+    assert (job / "checkpoint.pt").read_text() == "epoch 8"  # the newest visible attempt's
+    assert RunRecord.read(job).status == "interrupted"  # its record too: the job's resume checks it
+    assert (second / "checkpoint.pt").read_text() == "epoch 8" and (first / "checkpoint.pt").read_text() == "epoch 5"
+    assert f"trial 3: the job directory of its earlier attempt, {tmp_path / 'gone'}, is not visible here" in caplog.text
+    assert f"trial 3 resumes from its earlier attempt's checkpoint, copied from {second}" in caplog.text
+
+    # A job directory that holds a run already is its own: nothing is copied over it (a completed retry too).
+    done = attempt(tmp_path / "D" / "s" / "trial_0", "completed", None)
+    carry_checkpoint([str(second)], done, 3, config)
+    assert not (done / "checkpoint.pt").exists() and RunRecord.read(done).status == "completed"
+
+
+def test_a_retry_does_not_take_a_checkpoint_of_another_config_or_one_an_attempt_no_longer_has(
+    tmp_path: Path, caplog
+) -> None:
+    other = attempt(tmp_path / "A" / "trial_0", "interrupted", "epoch 5", lr=0.4)
+    job = tmp_path / "B" / "trial_0"
+    with caplog.at_level("INFO", logger="normsweep.worker"):
+        carry_checkpoint([str(other)], job, 3, {"optimizer": {"lr": 0.2}, "trainer": {"threads": 1}})
+    assert not job.exists()
+    assert "is of another config (differs in optimizer.lr): it trains from epoch 1" in caplog.text
+    completed = attempt(tmp_path / "C" / "trial_0", "completed", None)
+    with caplog.at_level("INFO", logger="normsweep.worker"):
+        carry_checkpoint([str(completed)], job, 3, None)
+    assert not job.exists() and "completed, but its worker stopped before telling the study: it trains again" in caplog.text
+
+
+def test_a_retry_of_a_retry_knows_every_earlier_attempt_s_job_directory_newest_first(tmp_path: Path) -> None:
+    spec = f"journal:{tmp_path / 's.journal'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(spec), direction="maximize")
+    cfg = SearchConfig(n_trials=1)
+    trial = take_trial(study, spec, cfg, DIMS)
+    for sweep in ("A", "B", "C"):
+        trial.set_user_attr(JOB_DIR_ATTR, str(tmp_path / sweep / "s" / "trial_0"))
+        free_slot(study, study._storage.get_trial(trial._trial_id), "worker stopped (SIGTERM)")
+        trial = take_trial(study, spec, cfg, DIMS)
+    assert trial.user_attrs[EARLIER_JOB_DIRS_ATTR] == [str(tmp_path / s / "s" / "trial_0") for s in ("C", "B", "A")]
 
 
 def test_a_job_gets_its_workers_share_of_the_cores(monkeypatch) -> None:
