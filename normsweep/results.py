@@ -69,11 +69,33 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions ``path`` gets: its own if it exists, else what ``open()`` would give a new file (0666 less the umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(path: str | Path, write: Any) -> None:
     """Call ``write(tmp_path)``, fsync it, rename it onto ``path``, fsync the directory.
 
     Readers see the old file or the new one, complete, and after a power cut the new one is not
-    empty. If anything fails (disk full, read-only directory), the temporary file is removed, the
+    empty. The file gets the permissions a plain ``open()`` would give it (an existing file keeps
+    its own), not the temporary file's 0600. If anything fails (disk full, read-only directory), the temporary file is removed, the
     previous ``path`` is left as it was, and an OSError is raised as :class:`WriteError`, naming
     the file and what to do.
     """
@@ -82,7 +104,10 @@ def atomic_write(path: str | Path, write: Any) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-        os.close(fd)
+        try:
+            os.fchmod(fd, _mode_for(path))  # mkstemp's 0600 would hide every result from the user's group
+        finally:
+            os.close(fd)
         write(tmp)
         fd = os.open(tmp, os.O_RDWR)
         try:

@@ -208,6 +208,23 @@ def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_directory_after(
     ]
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_an_atomically_written_file_gets_the_permissions_of_a_plain_open_not_the_temp_file_s(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    old = os.umask(umask)
+    try:
+        results.write_json(tmp_path / "results.json", {"epoch": 1})  # new: 0666 less the umask
+        results.save_torch(tmp_path / "model.pt", {"w": 1})
+        assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == mode
+        assert stat.S_IMODE((tmp_path / "model.pt").stat().st_mode) == mode
+        os.chmod(tmp_path / "results.json", 0o604)  # an existing file keeps its own, as open(path, "w") would
+        results.write_json(tmp_path / "results.json", {"epoch": 2})
+        assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o604
+    finally:
+        os.umask(old)
+
+
 def test_atomic_write_skips_the_directory_fsync_where_a_directory_cannot_be_opened(tmp_path: Path, monkeypatch) -> None:
     real_open = os.open
 
