@@ -1,7 +1,8 @@
 """The normalization layers: one registry from ``norm.kind`` to a layer and what it needs.
 
 Adding a norm is one entry in :data:`NORMS` and one file ``conf/norm/<kind>.yaml`` (which sets
-the entry's ``options``); the config schema's ``NormKind`` and its checks, the models, the plots
+the entry's ``options``; a key of its own is also a field of ``config.NormConfig``, see
+docs/development.md, "Adding a norm"); the config schema's ``NormKind`` and its checks, the models, the plots
 and the benchmark all read this registry.
 
 A model never sees ``norm.kind``: it asks for a *norm-act* layer (the pattern of timm's
