@@ -56,7 +56,9 @@ def recipe_conflicts(
     if not recipe or recipe == NO_RECIPE or not groups:
         return []
     plain = [o for o in overrides if not o.lstrip("+~").startswith("recipe=")] + [f"recipe={NO_RECIPE}"]
-    defaults = [o for o in plain if o.split("=", 1)[0].lstrip("+~") not in groups]
+    # The default options: each chosen group's choice dropped, and its keys set on the command line with it
+    # (search.n_trials without search=optuna would set a key of a group that is not there).
+    defaults = [o for o in plain if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] not in groups]
 
     def keys(c: DictConfig) -> dict:
         return dotted(OmegaConf.to_container(c, resolve=True, enum_to_str=True))

@@ -32,8 +32,12 @@ def conflicts(overrides: list[str]) -> list[str]:
     return found
 
 
-def test_an_sgd_recipe_s_learning_rate_over_a_chosen_adam_is_named_with_both_values() -> None:
-    assert conflicts(["norm=frn", "optimizer=adam"]) == [
+@pytest.mark.parametrize(
+    "more",
+    [[], ["search=optuna", "search.n_trials=1", "optimizer.momentum=0.8"]],  # a search job's overrides, as a worker's are
+)
+def test_an_sgd_recipe_s_learning_rate_over_a_chosen_adam_is_named_with_both_values(more: list[str]) -> None:
+    assert conflicts(["norm=frn", "optimizer=adam", *more]) == [
         "optimizer.lr=0.1 (conf/recipe/frn.yaml) instead of optimizer=adam's 0.003"
     ]
 
