@@ -7,6 +7,7 @@ adds a directory of your own configs beside them.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -21,11 +22,17 @@ from .credentials import has_password
 from .job import run
 
 register_configs()
+log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://normsweep.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if not multirun and cfg.get("search") is not None:  # without -m, Hydra's sweeper (the search) never runs
+        choice = HydraConfig.get().runtime.choices.get("search")
+        log.error("search=%s searches in a multirun: add -m (python -m normsweep -m search=%s ...). Without it this "
+                  "would be one training run at the current settings, not a search", choice, choice)  # fmt: skip
+        sys.exit(2)
     try:
         return run(cfg)
     except KeyboardInterrupt:

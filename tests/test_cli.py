@@ -207,6 +207,13 @@ def test_over_budget_run_stops_before_training_and_records_why(tmp_path, data_ar
     assert res["status"] == "failed" and "BudgetError" in res["error"] and res["history"] == []
 
 
+def test_a_search_without_dash_m_stops_saying_to_add_it_instead_of_training_once(tmp_path) -> None:
+    proc = normsweep("search=optuna", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "search=optuna searches in a multirun: add -m (python -m normsweep -m search=optuna ...)" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()  # nothing trained
+
+
 def test_bad_value_fails_at_start_naming_the_key(tmp_path) -> None:
     proc = normsweep("model.dropout=1.5", f"hydra.run.dir={tmp_path / 'x'}")
     assert proc.returncode == 2 and "model.dropout=1.5 is invalid" in proc.stdout + proc.stderr
