@@ -165,7 +165,9 @@ class PrivateSlurm:
             f"SlurmctldLogFile={d / 'slurmctld.log'}\nSlurmdLogFile={d / 'slurmd.log'}\n"
             "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\n"
             "SelectType=select/cons_tres\nSelectTypeParameters=CR_CPU\nReturnToService=2\nMpiDefault=none\n"
-            "SchedulerType=sched/backfill\nKillWait=10\nMinJobAge=600\n"
+            # KillWait 40 s (Slurm's default is 30): a worker SIGKILLed while it held the journal's lock leaves it to
+            # Optuna's 30 s stale-lock grace, and a scancel'd worker must outwait that to free its own trial.
+            "SchedulerType=sched/backfill\nKillWait=40\nMinJobAge=600\n"
             f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
             f"AccountingStoragePort={self.dbd_port}\nAccountingStoragePass={self.munge_socket}\n"  # munge for slurmdbd
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN\n"
