@@ -278,7 +278,8 @@ def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | 
         for stats in history:  # a run resumed from a checkpoint first reports the epochs it holds
             if stats.epoch not in reported:
                 reported.add(stats.epoch)
-                trial_hook.report_epoch(stats.epoch, stats.val_acc)  # may raise RunPruned
+                last = stats.epoch >= cfg.trainer.epochs  # the run is done: its result is not to be pruned
+                trial_hook.report_epoch(stats.epoch, stats.val_acc, last)  # may raise RunPruned
 
     t0 = time.perf_counter()
     state_file = out / results.TRAINING_STATE_FILE

@@ -19,14 +19,15 @@ class RunPruned(Exception):
 @dataclass(frozen=True)
 class TrialHook:
     number: int  # the trial's number in its study, recorded in results.json
-    report: Callable[[int, float], None]  # (epoch, validation accuracy); may raise RunPruned
+    report: Callable[[int, float, bool], None]  # (epoch, validation accuracy, last epoch); may raise RunPruned
 
 
 # The hook of the job running now: set by the search worker around each trial's job, else None.
 ACTIVE: Optional[TrialHook] = None
 
 
-def report_epoch(epoch: int, val_acc: float) -> None:
-    """Tell the active trial, if any, this epoch's validation accuracy (may raise :class:`RunPruned`)."""
+def report_epoch(epoch: int, val_acc: float, last: bool = False) -> None:
+    """Tell the active trial, if any, this epoch's validation accuracy (may raise :class:`RunPruned`, never
+    after the ``last`` epoch: a run that has trained all its epochs is complete)."""
     if ACTIVE is not None:
-        ACTIVE.report(epoch, val_acc)
+        ACTIVE.report(epoch, val_acc, last)

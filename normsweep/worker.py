@@ -73,9 +73,9 @@ class StudyPlan:
 def trial_hook_for(trial: optuna.Trial) -> trial_hook.TrialHook:
     """The hook a job reports its epochs to: Optuna's pruner decides, ``RunPruned`` stops the job."""
 
-    def report(epoch: int, val_acc: float) -> None:
+    def report(epoch: int, val_acc: float, last: bool) -> None:
         trial.report(val_acc, epoch)
-        if trial.should_prune():
+        if not last and trial.should_prune():  # after the last epoch the trial is complete, whatever the pruner says
             raise trial_hook.RunPruned(f"pruned after epoch {epoch} (validation accuracy {val_acc:.2f}%)")
 
     return trial_hook.TrialHook(trial.number, report)

@@ -26,7 +26,10 @@ from normsweep.search import (
     EARLIER_JOB_DIRS_ATTR, HEARTBEAT_ATTR, JOB_DIR_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, take_trial, uses_slot,
 )
 from normsweep.storage import open_storage, storage_file
-from normsweep.worker import SearchWorker, StudyPlan, carry_checkpoint, load_studies, open_shared_storage
+from normsweep.trial_hook import RunPruned
+from normsweep.worker import (
+    SearchWorker, StudyPlan, carry_checkpoint, load_studies, open_shared_storage, trial_hook_for,
+)
 
 from . import warm_python
 from .conftest import REPO, small_data_args
@@ -226,6 +229,18 @@ def test_a_retry_of_a_retry_knows_every_earlier_attempt_s_job_directory_newest_f
         free_slot(study, study._storage.get_trial(trial._trial_id), "worker stopped (SIGTERM)")
         trial = take_trial(study, spec, cfg, DIMS)
     assert trial.user_attrs[EARLIER_JOB_DIRS_ATTR] == [str(tmp_path / s / "s" / "trial_0") for s in ("C", "B", "A")]
+
+
+def test_a_trial_is_pruned_after_any_epoch_but_its_last_one(tmp_path: Path) -> None:
+    class Always(optuna.pruners.BasePruner):  # prunes whenever asked
+        def prune(self, study, trial) -> bool:
+            return True
+
+    study = optuna.create_study(storage=open_storage(f"journal:{tmp_path / 's.journal'}"), pruner=Always())
+    hook = trial_hook_for(study.ask())
+    with pytest.raises(RunPruned, match="pruned after epoch 19"):
+        hook.report(19, 80.0, False)
+    hook.report(20, 81.5, True)  # the run trained all its epochs: complete, whatever the pruner says
 
 
 def test_a_job_gets_its_workers_share_of_the_cores(monkeypatch) -> None:
