@@ -309,15 +309,16 @@ def test_optuna_dashboard_shows_a_cli_study_with_complete_failed_and_pruned_tria
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"  # the same form as the default, sqlite:///optuna/normsweep.db
     base = ("-m", "search=optuna", f"search.storage={url}", "search.study_name=dash", "search.max_failure_rate=1.0",
-            *small_data_args(tmp_path_factory), "trainer.threads=1", "trainer.epochs=1", "trainer.progress=false")  # fmt: skip
+            *small_data_args(tmp_path_factory), "trainer.threads=1", "trainer.progress=false")  # fmt: skip
     # One study (named, so that the three commands share it), a trial each: the search's resume
     # adds trials up to search.n_trials.
-    ok = cli(*base, "search.n_trials=1", "search.pruner=none", f"hydra.sweep.dir={tmp_path / 's1'}")
+    ok = cli(*base, "search.n_trials=1", "trainer.epochs=1", "search.pruner=none", f"hydra.sweep.dir={tmp_path / 's1'}")
     assert ok.returncode == 0, output(ok)
     # label smoothing >= 1 is rejected when the job starts: that trial fails.
-    cli(*base, "search.n_trials=2", "trainer.label_smoothing=1.5", f"hydra.sweep.dir={tmp_path / 's2'}")
-    # a pruner that prunes anything: that trial is pruned after epoch 1.
-    cli(*base, "search.n_trials=3", "search.pruner=threshold", "search.prune_below=101", f"hydra.sweep.dir={tmp_path / 's3'}")
+    cli(*base, "search.n_trials=2", "trainer.epochs=1", "trainer.label_smoothing=1.5", f"hydra.sweep.dir={tmp_path / 's2'}")
+    # a pruner that prunes anything: that trial is pruned after epoch 1 of 2 (never after its last).
+    cli(*base, "search.n_trials=3", "trainer.epochs=2", "search.pruner=threshold", "search.prune_below=101",
+        f"hydra.sweep.dir={tmp_path / 's3'}")  # fmt: skip
 
     expected = optuna.load_study(study_name="dash", storage=url).get_trials()
     assert [t.state.name for t in expected] == ["COMPLETE", "FAIL", "PRUNED"]
