@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from .credentials import redact
 from .errors import NormsweepError
 from .results import atomic_write, write_text
-from .search import FINISHED
+from .search import FINISHED, JOB_DIR_ATTR
 from .storage import open_storage, resolve_storage, storage_file
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def study_summary(study: optuna.Study) -> dict:
         best = study.best_trial
         summary.update(best_trial=best.number, best_params=dict(best.params), best_val_acc=best.value,
                        best_test_acc=best.user_attrs.get("final_test_acc"),
-                       best_job_dir=best.user_attrs.get("job_dir"))  # fmt: skip
+                       best_job_dir=best.user_attrs.get(JOB_DIR_ATTR))  # fmt: skip
     return summary
 
 
