@@ -207,7 +207,7 @@ def run_line(r, ref) -> str:
 
 
 def sweep(check: Check, st: Stage) -> None:
-    from normsweep.results import RESULTS_FILE, RunRecord
+    from normsweep.base.results import RESULTS_FILE, RunRecord
 
     a = check.args
     sweep_dir = check.out / "sweep"
@@ -266,7 +266,7 @@ def throughput(check: Check, st: Stage) -> None:
 
 
 def compile_run(check: Check, st: Stage) -> None:
-    from normsweep.results import RunRecord
+    from normsweep.base.results import RunRecord
 
     a = check.args
     run_dir = check.out / "compile"

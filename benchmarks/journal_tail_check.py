@@ -1,11 +1,11 @@
-"""Cost of the torn-tail check that precedes every append to a journal file (normsweep/journal.py).
+"""Cost of the torn-tail check that precedes every append to a journal file (normsweep/search/journal.py).
 
     python benchmarks/journal_tail_check.py [--dir DIR] [--records 200000] [--appends 2000]
 
 Builds a journal of ``--records`` records (about 150 bytes each, as heartbeats are) in DIR
 (default: a temporary directory), then times, alternating in rounds so that machine noise hits
 both, ``--appends`` appends through Optuna's ``JournalFileBackend`` with its own lock and with
-normsweep's :class:`~normsweep.journal.TailCheckingLock`, and the check alone on the healthy file.
+normsweep's :class:`~normsweep.search.journal.TailCheckingLock`, and the check alone on the healthy file.
 Prints the median time per call of each, and the difference per append.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from optuna.storages.journal import JournalFileBackend
 
-from normsweep.journal import TailCheckingLock, cut_torn_tail
+from normsweep.search.journal import TailCheckingLock, cut_torn_tail
 
 
 PLAIN = "Optuna's lock"

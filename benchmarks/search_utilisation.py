@@ -58,7 +58,7 @@ def run_search(cmd: list[str], code: Path, log: Path) -> float:
 def trials_of(storage: Path) -> list:
     import optuna
 
-    from normsweep.storage import open_storage
+    from normsweep.search.storage import open_storage
 
     st = open_storage(f"journal:{storage}")
     (summary,) = optuna.get_all_study_summaries(st)

@@ -60,8 +60,8 @@ DEFAULT_DATA_ROOT = os.environ.get("NORMSWEEP_DATA", str(REPO.parent / "shared/d
 
 
 def _peak_memory_mb(device: torch.device) -> float:
-    """A run's peak memory (normsweep.runtime.peak_memory_mb) plus its largest DataLoader worker on CPU."""
-    from normsweep.runtime import peak_memory_mb
+    """A run's peak memory (normsweep.base.runtime.peak_memory_mb) plus its largest DataLoader worker on CPU."""
+    from normsweep.base.runtime import peak_memory_mb
 
     if device.type == "cuda":
         return peak_memory_mb(device)
@@ -102,8 +102,8 @@ def _study_batches(raw, device):
 
 
 def _normsweep_batches(raw, device, augment_cfg, channels_last: bool):
-    """normsweep's input pipeline: the batches train() iterates (normsweep.train.batches), epoch after epoch."""
-    from normsweep.train import batches
+    """normsweep's input pipeline: the batches train() iterates (normsweep.run.train.batches), epoch after epoch."""
+    from normsweep.run.train import batches
 
     x_all, y_all = raw.train_x.to(device), raw.train_y.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -119,8 +119,8 @@ def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, d
     from normsweep.data import load_raw
     from normsweep.models import build_model, count_params
     from normsweep.models import Dropout
-    from normsweep.runtime import keep_freed_memory, resolve_device, use_bf16
-    from normsweep.train import make_step
+    from normsweep.base.runtime import keep_freed_memory, resolve_device, use_bf16
+    from normsweep.run.train import make_step
 
     device = resolve_device(device_name)
     if pipeline != "study" and device.type == "cpu":
@@ -202,9 +202,9 @@ def time_to_target(norm: str, target: float, data_root: str, device_name: str) -
 
     from normsweep.config import register_configs, to_config
     from normsweep.data import load_raw, make_splits
-    from normsweep.models import model_from_config
-    from normsweep.runtime import resolve_device
-    from normsweep.train import train
+    from normsweep.run.build import model_from_config
+    from normsweep.base.runtime import resolve_device
+    from normsweep.run.train import train
 
     class Reached(Exception):
         pass
@@ -237,7 +237,7 @@ def time_to_target(norm: str, target: float, data_root: str, device_name: str) -
 def _from_sweep(sweep: Path, target: float, med) -> str:
     import pandas as pd
 
-    from normsweep.results import RESULTS_FILE, RunRecord
+    from normsweep.base.results import RESULTS_FILE, RunRecord
 
     rows = []
     for f in sorted(sweep.glob(f"*/{RESULTS_FILE}")):

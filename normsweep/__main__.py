@@ -17,9 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import NormsweepError, register_configs
-from .credentials import has_password
-from .job import run
+from normsweep.config import NormsweepError, register_configs
+from normsweep.base.credentials import has_password
+from normsweep.run.job import run
 
 register_configs()
 log = logging.getLogger(__name__)

@@ -16,17 +16,16 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from .credentials import URL_KEYS
-from .errors import ConfigError, NormsweepError  # noqa: F401 - the config's errors, imported from here too
-from .norms import NORMS
+from normsweep.base.credentials import URL_KEYS
+from normsweep.base.errors import ConfigError, NormsweepError  # noqa: F401 - the config's errors, imported from here too
+from normsweep.models import MODELS
+from normsweep.norms import NORMS
 
 
-NormKind = Enum("NormKind", {kind: kind for kind in NORMS}, type=str)  # norms.NORMS: one registry
+NormKind = NORMS.enum("NormKind")  # norms.NORMS: one registry
 
 
-class Arch(str, Enum):
-    study = "study"
-    resnet = "resnet"
+Arch = MODELS.enum("Arch")  # models.MODELS: the model families
 
 
 class OptimizerName(str, Enum):
@@ -242,7 +241,7 @@ class LoggerKind(str, Enum):
 
 @dataclass
 class LoggerConfig:
-    """An experiment tracker that sees every run live (normsweep/trackers.py); the files are written either way."""
+    """An experiment tracker that sees every run live (normsweep/run/trackers.py); the files are written either way."""
 
     kind: LoggerKind = LoggerKind.none
     dir: Optional[str] = None  # tensorboard: root for the run directories; null = each job's own directory

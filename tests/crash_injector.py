@@ -195,7 +195,7 @@ def steps_per_epoch(images: int, args) -> int:  # noqa: ANN001
 
     ``args`` must set ``data.val_size`` (held out of the ``images``) and ``trainer.batch_size``.
     """
-    from normsweep.train import images_per_epoch
+    from normsweep.run.train import images_per_epoch
 
     given = dict(a.split("=", 1) for a in args if "=" in a)
     batch = int(given["trainer.batch_size"])

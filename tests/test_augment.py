@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normsweep.augment import _from_hue, _hue, augment_batch, normalize, random_crop, random_flip, shift_hue
+from normsweep.run.augment import _from_hue, _hue, augment_batch, normalize, random_crop, random_flip, shift_hue
 from normsweep.config import AugmentConfig
 
 SEED = AugmentConfig(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1, flip_p=0.3, rotate_deg=10.0)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from normsweep.config import Config
-from normsweep.models import model_from_config
-from normsweep.results import load_model
+from normsweep.run.build import model_from_config
+from normsweep.base.results import load_model
 
 from . import warm_python
 from .conftest import REPO, SHARED_CIFAR, compose_config, write_folder_dataset
@@ -75,7 +75,7 @@ def test_single_run_writes_results_checkpoint_and_the_models_own_predictions(tmp
     from omegaconf import OmegaConf
 
     from normsweep.data import load_raw, make_splits
-    from normsweep.train import predict, prepare_eval
+    from normsweep.run.train import predict, prepare_eval
 
     ckpt = load_model(out / "model.pt")  # weights_only: reading it never runs code
     cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"]))
@@ -120,8 +120,8 @@ def assert_grid_shows_only_mispredicted(job: Path) -> None:
     from omegaconf import OmegaConf
 
     from normsweep.data import Split, load_raw
-    from normsweep.plots import mispredicted
-    from normsweep.train import predict, prepare_eval
+    from normsweep.report.plots import mispredicted
+    from normsweep.run.train import predict, prepare_eval
 
     index, target, pred = mispredicted(job)
     assert len(index) > 0

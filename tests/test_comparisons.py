@@ -18,8 +18,8 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 from scipy import stats
 
-from normsweep import plots
-from normsweep.report import ReportCallback, collect, compare_configs, main, seeds_needed, welch, write_report
+from normsweep.report import plots
+from normsweep.report.tables import ReportCallback, collect, compare_configs, main, seeds_needed, welch, write_report
 
 from .test_report import write_run
 
@@ -200,7 +200,7 @@ def test_comparisons_are_printed_and_logged(sweep: Path, capsys, caplog) -> None
     assert "no — not distinguishable with n=3 seeds" in out and "+0.23 [-0.93, +1.39]" in out
     assert "(3 pairs skipped: fewer than 2 seeds on a side; see comparisons.md)" in out
     (sweep / "comparisons.csv").unlink()
-    with caplog.at_level("INFO", logger="normsweep.report"):
+    with caplog.at_level("INFO", logger="normsweep.report.tables"):
         ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
     assert "pairwise comparisons" in caplog.text and "+4.37 [+3.20, +5.53]" in caplog.text
     assert (sweep / "comparisons.csv").exists()

@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from normsweep.config import Config, ConfigError, register_configs, to_config
-from normsweep.models import BudgetError, check_budget, count_params, model_from_config
+from normsweep.models import count_params
+from normsweep.run.build import BudgetError, check_budget, model_from_config
 from normsweep.norms import NORMS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

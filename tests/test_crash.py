@@ -25,10 +25,12 @@ import numpy as np
 import pytest
 import torch
 
-from normsweep import data, results
+from normsweep import data
+
+from normsweep.base import results
 from normsweep.data import CLASSES
-from normsweep.resume import config_differences
-from normsweep.train import load_checkpoint
+from normsweep.run.resume import config_differences
+from normsweep.run.train import load_checkpoint
 
 from . import warm_python
 from .conftest import REPO, write_folder_dataset

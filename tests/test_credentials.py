@@ -1,4 +1,4 @@
-"""Credentials never leak (normsweep/credentials.py): a password reaches no file, no tracker, no study.
+"""Credentials never leak (normsweep/base/credentials.py): a password reaches no file, no tracker, no study.
 
 End to end against real servers that ask for the password: a PostgreSQL server with scram-sha-256
 and an MLflow server behind a proxy that answers 401 to any request without the right basic-auth
@@ -30,8 +30,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from normsweep.credentials import InlinePassword, RedactingFilter, inline_passwords, recorded_config, redact
-from normsweep.search import study_name_for
+from normsweep.base.credentials import InlinePassword, RedactingFilter, inline_passwords, recorded_config, redact
+from normsweep.search.trials import study_name_for
 
 from . import warm_python
 from .conftest import _free_port, compose_config, postgres_server, small_data_args
@@ -74,7 +74,7 @@ def test_inline_passwords_are_found_in_values_and_secret_env_set_entries_but_int
 
 
 def test_a_job_given_an_inline_password_writes_nothing(tmp_path: Path) -> None:
-    from normsweep.job import run
+    from normsweep.run.job import run
 
     cfg = compose_config(["logger=mlflow", "logger.tracking_uri=http://alice:s3cret@127.0.0.1:1"])
     with pytest.raises(InlinePassword, match=r"(?s)tracking_uri=http://alice:\*\*\*@.*MLFLOW_TRACKING_PASSWORD") as e:

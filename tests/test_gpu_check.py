@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from normsweep.results import RESULTS_FILE, RunRecord
+from normsweep.base.results import RESULTS_FILE, RunRecord
 
 from .conftest import REPO, write_folder_dataset
 

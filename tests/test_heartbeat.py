@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from normsweep.search import HEARTBEAT_ATTR, STALE_ATTR, fail_stale_trials, heartbeat, uses_slot
+from normsweep.search.trials import HEARTBEAT_ATTR, STALE_ATTR, fail_stale_trials, heartbeat, uses_slot
 
 from . import warm_python
 from .conftest import REPO, small_data_args

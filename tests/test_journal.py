@@ -1,4 +1,4 @@
-"""Optuna's journal file survives a torn write (normsweep/journal.py).
+"""Optuna's journal file survives a torn write (normsweep/search/journal.py).
 
 The faults are made for real: a writer process killed in the middle of an append, or whose
 append stops part-way with ENOSPC (``tests/crash_injector.py``, loaded as ``sitecustomize``,
@@ -24,10 +24,10 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
-from normsweep import journal
-from normsweep.journal import REPAIR_COMMAND, JournalDamaged, scan
-from normsweep.search import STALE_ATTR
-from normsweep.storage import open_storage
+from normsweep.search import journal
+from normsweep.search.journal import REPAIR_COMMAND, JournalDamaged, scan
+from normsweep.search.trials import STALE_ATTR
+from normsweep.search.storage import open_storage
 
 from . import warm_python
 from .conftest import REPO, small_data_args
@@ -82,14 +82,14 @@ def test_a_torn_tail_left_by_another_worker_is_cut_before_the_next_append(tmp_pa
     study = new_study(path)  # this worker opened the journal before the other one tore it
     trial = study.ask()
     before = path.read_bytes()
-    other = run_python("import sys, optuna; from normsweep.storage import open_storage; "
+    other = run_python("import sys, optuna; from normsweep.search.storage import open_storage; "
                        "optuna.load_study(study_name='s', storage=open_storage(sys.argv[1])).set_user_attr('note', 1)",
                        f"journal:{path}", environ=fault_env(tmp_path, "enospc-append"))  # fmt: skip
     assert other.returncode != 0 and "No space left on device" in other.stderr, other.stderr[-2000:]
     torn = path.read_bytes()
     assert torn.startswith(before) and len(torn) > len(before) and not torn.endswith(b"\n")  # half a record on disk
 
-    with caplog.at_level(logging.WARNING, logger="normsweep.journal"):
+    with caplog.at_level(logging.WARNING, logger="normsweep.search.journal"):
         study.tell(trial, 5.0)  # this worker's next append
     assert f"journal {path}: cut off {len(torn) - len(before)} bytes of a torn last record, a set_study_user_attr record" in caplog.text
     trials = read_back(path)
@@ -105,7 +105,7 @@ def test_opening_a_journal_cuts_a_torn_record_naming_its_trial_or_keeps_a_whole_
     healthy = path.read_bytes()
     path.write_bytes(healthy[:-lost])  # the issue's case: the last record (trial 1 told COMPLETE) lost 17 bytes
 
-    with caplog.at_level(logging.WARNING, logger="normsweep.journal"):
+    with caplog.at_level(logging.WARNING, logger="normsweep.search.journal"):
         study = optuna.load_study(study_name="s", storage=open_storage(f"journal:{path}"))
     record = "a set_trial_state_values record of trial 1 of study s"
     if lost == 1:  # only the newline was lost: the record is whole and kept
@@ -206,7 +206,7 @@ def test_a_damaged_journal_is_refused_untouched_with_the_repair_command(tmp_path
 
 
 def repair(path: Path) -> subprocess.CompletedProcess:
-    return warm_python.run([sys.executable, "-m", "normsweep.storage", "repair", str(path)], cwd=REPO,
+    return warm_python.run([sys.executable, "-m", "normsweep.search.storage", "repair", str(path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
@@ -256,8 +256,8 @@ def search(path: Path, n_trials: int, data_args: list[str], sweep: Path, environ
 TAKE_A_TRIAL_AND_BEAT = """
 import sys, optuna
 from normsweep.config import SearchConfig
-from normsweep.search import heartbeat, take_trial, to_distribution
-from normsweep.storage import open_storage
+from normsweep.search.trials import heartbeat, take_trial, to_distribution
+from normsweep.search.storage import open_storage
 spec, n_trials = sys.argv[1], int(sys.argv[2])
 cfg = SearchConfig(n_trials=n_trials, heartbeat_interval=5, grace_period=10)
 (summary,) = optuna.get_all_study_summaries(open_storage(spec))

@@ -12,9 +12,10 @@ from torch import nn
 
 from normsweep.config import SearchConfig
 from normsweep.data import load_raw, make_splits
-from normsweep.models import WSConv2d, build_model, count_params, model_from_config
-from normsweep.search import make_pruner
-from normsweep.train import WeightEMA, accuracy, predict, prepare_eval, train
+from normsweep.models import WSConv2d, build_model, count_params
+from normsweep.run.build import model_from_config
+from normsweep.search.trials import make_pruner
+from normsweep.run.train import WeightEMA, accuracy, predict, prepare_eval, train
 
 from .test_config import make_cfg
 

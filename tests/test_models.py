@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from normsweep.models import StudyNet, build_model, count_params, model_from_config
+from normsweep.models import StudyNet, build_model, count_params
+
+from normsweep.run.build import model_from_config
 from normsweep.norms import NORMS, norm_act, norm_layer
 
 from .test_config import make_cfg
@@ -165,7 +167,7 @@ def test_fast_dropout_drops_with_probability_p_and_keeps_the_expectation(channel
 def test_keep_freed_memory_applies_on_glibc() -> None:
     import platform
 
-    from normsweep.runtime import keep_freed_memory
+    from normsweep.base.runtime import keep_freed_memory
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")

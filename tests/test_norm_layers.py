@@ -1,4 +1,4 @@
-"""The norms proposed for small batches, each against its paper's formula (normsweep/norm_layers.py):
+"""The norms proposed for small batches, each against its paper's formula (normsweep/norms/layers.py):
 Batch Renormalization, FRN + TLU, EvoNorm-S0 and EvoNorm-B0; and, for every norm of the registry,
 batch independence or running statistics in evaluation, and an exact resume.
 
@@ -15,10 +15,10 @@ import torch
 from torch.func import functional_call
 
 from normsweep.data import load_raw, make_splits
-from normsweep.models import model_from_config
-from normsweep.norm_layers import BatchRenorm2d, EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTLU2d
+from normsweep.run.build import model_from_config
+from normsweep.norms.layers import BatchRenorm2d, EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTLU2d
 from normsweep.norms import NORMS, norm_layer
-from normsweep.train import train
+from normsweep.run.train import train
 
 from .test_config import make_cfg
 
@@ -231,7 +231,7 @@ def test_evonorm_gradient_by_gradcheck(make) -> None:
 def test_evonorms_agree_with_timms_in_float32(ours: str, theirs: str) -> None:
     """The same layer as timm's within float32 rounding, training step and evaluation."""
     timm_layers = pytest.importorskip("timm.layers", reason="timm is in normsweep's test extra")
-    import normsweep.norm_layers as layers
+    import normsweep.norms.layers as layers
 
     kwargs = {"groups": 2} if ours.endswith("S0") else {}
     mine = randomized(getattr(layers, ours)(4, **kwargs))

@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from normsweep.config import RESULT_NEUTRAL_KEYS, is_result_neutral, register_configs
-from normsweep.report import _row
-from normsweep.results import RunRecord
-from normsweep.resume import config_differences
-from normsweep.search import study_name_for
+from normsweep.report.tables import _row
+from normsweep.base.results import RunRecord
+from normsweep.run.resume import config_differences
+from normsweep.search.trials import study_name_for
 
 from .conftest import REPO
 
@@ -63,7 +63,7 @@ def test_the_report_shows_swept_settings_but_not_neutral_keys(tmp_path) -> None:
 @pytest.mark.slow  # seconds: a fresh interpreter
 def test_a_training_job_does_not_import_optuna() -> None:
     """One fresh interpreter imports each module in turn; the first after which Optuna is loaded is named."""
-    modules = ["normsweep.runtime", "normsweep.models", "normsweep.train", "normsweep.job", "normsweep.report"]
+    modules = ["normsweep.base.runtime", "normsweep.models", "normsweep.run.train", "normsweep.run.job", "normsweep.report.tables"]
     code = ("import importlib, sys\n"
             f"for m in {modules!r}:\n"
             "    importlib.import_module(m)\n"
@@ -75,7 +75,7 @@ def test_a_training_job_does_not_import_optuna() -> None:
 def test_the_norm_registry_is_the_one_list_of_norms() -> None:
     from normsweep.config import NormKind
     from normsweep.norms import NORMS
-    from normsweep.plots import NORM_COLOURS
+    from normsweep.report.plots import NORM_COLOURS
 
     yaml_kinds = {OmegaConf.load(p).kind for p in (REPO / "conf" / "norm").glob("*.yaml")}
     assert [k.value for k in NormKind] == list(NORMS) == list(NORM_COLOURS)
@@ -110,25 +110,71 @@ def test_single_option_groups_and_their_dataclass_agree_on_every_default(yaml_fi
         assert written[key] == defaults[key], f"conf/{yaml_file} {key}={written[key]!r} but {schema}.{key}={defaults[key]!r}"
 
 
+def _module_name(path) -> str:
+    """``normsweep/run/job.py`` -> ``run.job``; a package's ``__init__.py`` is the package."""
+    parts = list(path.relative_to(REPO / "normsweep").with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
 def _package_imports() -> dict[str, set[str]]:
-    """normsweep's modules and the normsweep modules each imports, at the top or inside a function."""
-    package = REPO / "normsweep"
-    modules = {p.stem for p in package.glob("*.py")}
+    """normsweep's modules (dotted, without ``normsweep.``) and the normsweep modules each imports, at the
+    top or inside a function (``from normsweep.base import results`` imports ``base.results``)."""
+    paths = sorted((REPO / "normsweep").rglob("*.py"))
+    modules = {_module_name(p) for p in paths}
     graph: dict[str, set[str]] = {}
-    for path in sorted(package.glob("*.py")):
+    for path in paths:
         targets: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Import):  # import normsweep.x
-                names = [a.name.split(".")[1] for a in node.names if a.name.startswith("normsweep.")]
-            elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("normsweep")):
-                module = (node.module or "") if node.level else (node.module or "").removeprefix("normsweep").lstrip(".")
-                # "from .train import x" imports train; "from . import results, trackers" those modules
-                names = [module.split(".")[0]] if module else [a.name for a in node.names]
+            if isinstance(node, ast.Import):  # import normsweep.x.y
+                names = [a.name.removeprefix("normsweep.") for a in node.names if a.name.startswith("normsweep.")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("normsweep") and not node.level:
+                module = (node.module or "").removeprefix("normsweep").lstrip(".")
+                names = [f"{module}.{a.name}".lstrip(".") if f"{module}.{a.name}".lstrip(".") in modules else module
+                         for a in node.names]  # fmt: skip
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                raise AssertionError(f"{path}: a relative import; normsweep's modules import each other by full name")
             else:
                 continue
-            targets |= set(names) & modules
-        graph[path.stem] = targets - {path.stem}
+            targets |= {n for n in names if n in modules}
+        graph[_module_name(path)] = targets - {_module_name(path)}
     return graph
+
+
+# The house, bottom to top: a module imports only from its own floor or below. The registries of the
+# choices a config makes live low (the schema derives its allowed values from them); config sits on them;
+# a run, the search and the report use config; the entrypoint uses them all. docs/development.md draws it.
+FLOORS: list[tuple[str, ...]] = [
+    ("base",),
+    ("norms",),
+    ("models", "data", "run.optim", "search.pruners"),
+    ("config",),
+    ("run", "search", "report", "studies", "storage"),
+    ("__main__", "__init__"),
+]
+
+
+def _floor(module: str) -> int:
+    """The floor of ``module``: that of its longest prefix in :data:`FLOORS`."""
+    best, length = None, -1
+    for floor, prefixes in enumerate(FLOORS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > length:
+                best, length = floor, len(prefix)
+    assert best is not None, f"normsweep.{module} is on no floor of FLOORS: add it there and to docs/development.md"
+    return best
+
+
+def test_the_house_reads_top_down() -> None:
+    """No module imports one above it: base imports nothing of normsweep's, models and data no config."""
+    graph = _package_imports()
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets if _floor(t) > _floor(m))
+    assert not upward, f"imports from a floor above: {upward}"
+    assert not any(t for m, targets in graph.items() if m.startswith("base.") for t in targets if not t.startswith("base"))
+
+
+def test_the_floor_check_finds_an_upward_import() -> None:
+    assert _floor("models.cnn") < _floor("config") < _floor("run.job")
+    assert _floor("run.optim") < _floor("config") and _floor("base.errors") == 0
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -162,7 +208,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
 def test_normsweep_modules_import_each_other_without_a_cycle() -> None:
     """No two modules depend on each other, not even through an import inside a function."""
     graph = _package_imports()
-    assert {"job", "train", "runtime", "report", "plots", "trackers"} <= graph.keys()
-    assert "plots" in graph["report"] and "report" not in graph["plots"]  # lazy imports are seen
-    assert "train" in graph["job"] and not graph["runtime"]  # runtime imports nothing of normsweep
+    assert {"run.job", "run.train", "base.runtime", "report.tables", "report.plots", "run.trackers"} <= graph.keys()
+    assert "report.plots" in graph["report.tables"] and "report.tables" not in graph["report.plots"]  # lazy imports too
+    assert "run.train" in graph["run.job"] and not graph["base.runtime"]  # runtime imports nothing of normsweep
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import open_dict
 
-from normsweep.recipes import chosen_groups, recipe_conflicts
+from normsweep.run.recipes import chosen_groups, recipe_conflicts
 
 from .conftest import compose_config
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from normsweep import results
+from normsweep.base import results
 from normsweep.data import CLASSES, load_raw, make_splits
-from normsweep.models import model_from_config
-from normsweep.results import RunRecord
-from normsweep.resume import config_differences
-from normsweep.train import CheckpointError, load_checkpoint, train
+from normsweep.run.build import model_from_config
+from normsweep.base.results import RunRecord
+from normsweep.run.resume import config_differences
+from normsweep.run.train import CheckpointError, load_checkpoint, train
 
 from . import warm_python
 from .conftest import REPO, compose_config, small_data_args

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from normsweep.report import ReportError, collect, main, write_report
+from normsweep.report.tables import ReportError, collect, main, write_report
 
 
 def config(norm: str, seed: int, lr: float = 0.2) -> dict:
@@ -138,7 +138,7 @@ def test_curves_and_bars_are_drawn(sweep: Path) -> None:
 
 
 def test_a_report_run_again_redraws_only_the_runs_whose_files_changed(sweep: Path, monkeypatch) -> None:
-    from normsweep import plots
+    from normsweep.report import plots
 
     monkeypatch.setattr(plots, "_load_test_images", lambda *a: (np.zeros((20, 32, 32, 3), np.uint8), tuple("abcdefghij")))
     drawn: list[str] = []
@@ -200,7 +200,7 @@ def test_settings_keep_their_precision_and_metrics_get_two_decimals(tmp_path: Pa
 
 def _drawn_labels(monkeypatch) -> dict[str, list[str]]:
     """Per figure written: its bars' tick labels and its legends' entries, read from the figure as saved."""
-    import normsweep.plots as plots
+    import normsweep.report.plots as plots
 
     drawn: dict[str, list[str]] = {}
     save = plots._save
@@ -235,7 +235,7 @@ def test_an_unreadable_record_leaves_the_labels_to_the_settings_the_readable_run
 
 
 def test_long_labels_wrap_and_the_figures_still_fit(tmp_path: Path, monkeypatch, recwarn) -> None:
-    from normsweep.plots import LABEL_WIDTH
+    from normsweep.report.plots import LABEL_WIDTH
 
     s = tmp_path / "sweep"
     for i, (norm, lr, wd, batch, dropout) in enumerate(
@@ -261,7 +261,7 @@ def test_long_labels_wrap_and_the_figures_still_fit(tmp_path: Path, monkeypatch,
 
 def _drawn_lines(monkeypatch) -> dict[str, dict]:
     """Per figure written: its x scale and label, and per error-bar line its points (x, mean, interval half-width)."""
-    import normsweep.plots as plots
+    import normsweep.report.plots as plots
 
     drawn: dict[str, dict] = {}
     save = plots._save
@@ -327,7 +327,7 @@ def test_a_swept_batch_size_gets_a_sensitivity_plot_one_line_per_norm_with_95_pe
 def test_any_swept_numeric_key_gets_its_plot_linear_x_for_a_narrow_range_and_lines_split_by_other_swept_settings(
     tmp_path: Path, monkeypatch
 ) -> None:
-    from normsweep.plots import swept_numeric_settings
+    from normsweep.report.plots import swept_numeric_settings
 
     s = tmp_path / "sweep"
     for i, (norm, momentum, lr) in enumerate((n, m, lr) for n in ("batch", "layer") for m in (0.8, 0.9)

@@ -18,11 +18,15 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from normsweep import plots, report, resume
+from normsweep.report import plots
+
+from normsweep.report import tables as report
+
+from normsweep.run import resume
 from normsweep.config import register_configs
 from normsweep.data import DataError
-from normsweep.results import RESULTS_FILE, EpochRecord, RunRecord
-from normsweep.worker import tell_from_job
+from normsweep.base.results import RESULTS_FILE, EpochRecord, RunRecord
+from normsweep.search.worker import tell_from_job
 
 from .conftest import REPO
 
@@ -96,7 +100,7 @@ def test_a_file_that_is_not_a_record_is_a_value_error(tmp_path: Path, text: str)
 
 
 def test_a_job_writes_its_record_through_the_one_writer_in_the_file_order(tmp_path: Path, monkeypatch) -> None:
-    from normsweep.job import run
+    from normsweep.run.job import run
 
     writes = []
     original = RunRecord.write

@@ -25,12 +25,14 @@ import pytest
 import torch
 from PIL import Image
 
-from normsweep import data, results
+from normsweep import data
+
+from normsweep.base import results
 from normsweep.data import CLASSES, DataError, load_raw, make_splits, source_fingerprint
-from normsweep.job import RUN_LOCK_FILE, RunDirInUse, hold_run_dir
-from normsweep.models import model_from_config
-from normsweep.results import UnsafeFileError, WriteError, write_json
-from normsweep.train import CheckpointError, load_checkpoint, train
+from normsweep.run.job import RUN_LOCK_FILE, RunDirInUse, hold_run_dir
+from normsweep.run.build import model_from_config
+from normsweep.base.results import UnsafeFileError, WriteError, write_json
+from normsweep.run.train import CheckpointError, load_checkpoint, train
 
 from . import warm_python
 from .conftest import REPO, class_images, small_data_args
@@ -63,7 +65,7 @@ PAYLOAD_GLOBAL = {"os.system": r"(posix|nt|os)\.system", "builtins.open": r"(io|
 
 
 def temporary_files_on_a_full_disk(monkeypatch) -> None:
-    """Files that normsweep.results opens by name for writing (its temporary files) go to /dev/full."""
+    """Files that normsweep.base.results opens by name for writing (its temporary files) go to /dev/full."""
     real_open = builtins.open
 
     def open_(path, mode="r", *args, **kwargs):
@@ -392,7 +394,7 @@ def test_real_checkpoints_and_models_load_with_weights_only(folder_data: Path, c
 
 def holder_process(run_dir: Path) -> subprocess.Popen:
     code = (
-        "import sys, time; from pathlib import Path; from normsweep.job import hold_run_dir\n"
+        "import sys, time; from pathlib import Path; from normsweep.run.job import hold_run_dir\n"
         "with hold_run_dir(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)\n"
     )
     proc = warm_python.Popen([sys.executable, "-c", code, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)

@@ -84,8 +84,8 @@ def test_launcher_presets_are_checked_against_the_plugins_schemas() -> None:
 def _ask_until_full(spec: str, study_name: str, n_trials: int, start) -> None:
     """A bare worker: once all are ready, take trial slots as fast as it can, complete each at once."""
     from normsweep.config import SearchConfig
-    from normsweep.search import take_trial
-    from normsweep.storage import open_storage
+    from normsweep.search.trials import take_trial
+    from normsweep.search.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=study_name, storage=open_storage(spec))
@@ -120,7 +120,7 @@ def check_race(trials: list[optuna.trial.FrozenTrial], n_trials: int = 24) -> No
 
 @pytest.mark.slow  # seconds: real processes
 def test_racing_workers_on_a_journal_file_take_exactly_n_trials(tmp_path: Path) -> None:
-    from normsweep.storage import open_storage
+    from normsweep.search.storage import open_storage
 
     spec = f"journal:{tmp_path / 'race.journal'}"
     check_race(hammer(spec, open_storage(spec)))

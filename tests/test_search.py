@@ -12,7 +12,7 @@ import optuna
 import pytest
 import yaml
 
-from normsweep.search import split_overrides, to_distribution
+from normsweep.search.trials import split_overrides, to_distribution
 
 from . import warm_python
 from .conftest import REPO, compose_config, small_data_args
@@ -49,7 +49,7 @@ def test_command_line_intervals_are_dimensions_other_sweeps_are_a_grid() -> None
 
 def told(job_dir: Path, number: int) -> optuna.trial.FrozenTrial:
     """What the study records when trial ``number``'s job left ``job_dir`` as it is."""
-    from normsweep.worker import tell_from_job
+    from normsweep.search.worker import tell_from_job
 
     study = optuna.create_study(direction="maximize")
     for _ in range(number + 1):
@@ -70,7 +70,7 @@ def told(job_dir: Path, number: int) -> optuna.trial.FrozenTrial:
     ],
 )
 def test_a_trial_is_told_from_its_own_record_only(tmp_path: Path, status, trial, state, error) -> None:
-    from normsweep.results import RunRecord
+    from normsweep.base.results import RunRecord
 
     RunRecord(status=status, trial=trial, error="RunInterrupted: stopped by signal SIGTERM after epoch 3" if
               status == "interrupted" else None, final_val_acc=80.0 if status == "completed" else None,
@@ -240,7 +240,7 @@ def test_a_sqlite_study_waits_for_another_writer_instead_of_failing(tmp_path: Pa
     import threading
     import time
 
-    from normsweep.storage import open_storage
+    from normsweep.search.storage import open_storage
 
     db = tmp_path / "study.db"
     study = optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{db}"))

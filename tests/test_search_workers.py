@@ -21,13 +21,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from normsweep.config import SearchConfig
-from normsweep.results import RunRecord
-from normsweep.search import (
+from normsweep.base.results import RunRecord
+from normsweep.search.trials import (
     EARLIER_JOB_DIRS_ATTR, HEARTBEAT_ATTR, JOB_DIR_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, take_trial, uses_slot,
 )
-from normsweep.storage import open_storage, storage_file
-from normsweep.trial_hook import RunPruned
-from normsweep.worker import (
+from normsweep.search.storage import open_storage, storage_file
+from normsweep.run.trial_hook import RunPruned
+from normsweep.search.worker import (
     SearchWorker, StudyPlan, carry_checkpoint, load_studies, open_shared_storage, trial_hook_for,
 )
 
@@ -127,9 +127,9 @@ def test_a_worker_logs_each_trial_s_start_with_its_parameters_and_its_outcome_wi
                                "hydra": {"runtime": {"cwd": str(tmp_path)}}})  # fmt: skip
     worker = SearchWorker(hydra_context=None, task_function=None, config=config, dims=DIMS,
                           pruner=optuna.pruners.NopPruner(), plans=[StudyPlan("s", ())])  # fmt: skip
-    with caplog.at_level("INFO", logger="normsweep.worker"):
+    with caplog.at_level("INFO", logger="normsweep.search.worker"):
         worker.serve(index=1)
-    lines = [r.getMessage() for r in caplog.records if r.name == "normsweep.worker"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "normsweep.search.worker"]
     trials = all_trials(spec)
     x0 = trials[0].params["x"]
     assert f"study s: trial 0 starts (worker 1): x={x0:.4g}" in lines
@@ -190,7 +190,7 @@ def test_a_retry_in_another_sweep_dir_starts_from_a_copy_of_the_newest_checkpoin
     second = attempt(tmp_path / "B" / "s" / "trial_0", "interrupted", "epoch 8")
     job = tmp_path / "C" / "s" / "trial_0"
     config = {"optimizer": {"lr": 0.2}, "trainer": {"threads": 2}}  # threads: result-neutral, so the same run
-    with caplog.at_level("INFO", logger="normsweep.worker"):
+    with caplog.at_level("INFO", logger="normsweep.search.worker"):
         carry_checkpoint([str(tmp_path / "gone"), str(second), str(first)], job, 3, config)
     assert (job / "checkpoint.pt").read_text() == "epoch 8"  # the newest visible attempt's
     assert RunRecord.read(job).status == "interrupted"  # its record too: the job's resume checks it
@@ -209,12 +209,12 @@ def test_a_retry_does_not_take_a_checkpoint_of_another_config_or_one_an_attempt_
 ) -> None:
     other = attempt(tmp_path / "A" / "trial_0", "interrupted", "epoch 5", lr=0.4)
     job = tmp_path / "B" / "trial_0"
-    with caplog.at_level("INFO", logger="normsweep.worker"):
+    with caplog.at_level("INFO", logger="normsweep.search.worker"):
         carry_checkpoint([str(other)], job, 3, {"optimizer": {"lr": 0.2}, "trainer": {"threads": 1}})
     assert not job.exists()
     assert "is of another config (differs in optimizer.lr): it trains from epoch 1" in caplog.text
     completed = attempt(tmp_path / "C" / "trial_0", "completed", None)
-    with caplog.at_level("INFO", logger="normsweep.worker"):
+    with caplog.at_level("INFO", logger="normsweep.search.worker"):
         carry_checkpoint([str(completed)], job, 3, None)
     assert not job.exists() and "completed, but its worker stopped before telling the study: it trains again" in caplog.text
 
@@ -247,7 +247,7 @@ def test_a_job_gets_its_workers_share_of_the_cores(monkeypatch) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from normsweep import runtime
+    from normsweep.base import runtime
     from normsweep.config import register_configs
 
     register_configs()

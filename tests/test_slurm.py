@@ -21,8 +21,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from normsweep.search import HEARTBEAT_ATTR, uses_slot
-from normsweep.trackers import EPOCH_METRICS
+from normsweep.search.trials import HEARTBEAT_ATTR, uses_slot
+from normsweep.run.trackers import EPOCH_METRICS
 
 from . import crash_injector, warm_python
 from .conftest import REPO, small_data_args

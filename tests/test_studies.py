@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-from normsweep.storage import open_storage
+from normsweep.search.storage import open_storage
 
 from . import warm_python
 from .conftest import REPO
@@ -38,7 +38,7 @@ def make_studies(path: Path) -> None:
 
 
 def show(*args: str):
-    return warm_python.run([sys.executable, "-m", "normsweep.studies", *args], cwd=REPO, capture_output=True,
+    return warm_python.run([sys.executable, "-m", "normsweep.search.studies", *args], cwd=REPO, capture_output=True,
                            text=True, timeout=300)  # fmt: skip
 
 

@@ -21,8 +21,8 @@ import pytest
 
 from normsweep.config import LoggerConfig, LoggerKind, NormsweepError, register_configs
 from normsweep.data import CLASSES
-from normsweep.trackers import EPOCH_METRICS, MLFLOW_RUN_FILE, TrackerMissing, make_tracker
-from normsweep.train import EpochStats
+from normsweep.run.trackers import EPOCH_METRICS, MLFLOW_RUN_FILE, TrackerMissing, make_tracker
+from normsweep.run.train import EpochStats
 
 from . import crash_injector, warm_python
 from .conftest import REPO, small_data_args
@@ -68,7 +68,7 @@ def history(job: Path) -> list[dict]:
 def test_a_missing_package_stops_the_run_at_start_naming_the_extra(kind, modules, tmp_path, monkeypatch) -> None:
     from hydra import compose, initialize_config_dir
 
-    from normsweep.job import run
+    from normsweep.run.job import run
 
     for name in modules:  # as if the package were not installed: importing it raises ImportError
         monkeypatch.setitem(sys.modules, name, None)
@@ -88,8 +88,8 @@ def test_a_missing_package_stops_the_run_at_start_naming_the_extra(kind, modules
 @pytest.mark.slow  # seconds: a fresh interpreter
 def test_a_plain_run_imports_neither_tracker_library() -> None:
     code = (
-        "import sys; from pathlib import Path; import normsweep.job, normsweep.__main__;"
-        "from normsweep.trackers import make_tracker; from normsweep.config import LoggerConfig;"
+        "import sys; from pathlib import Path; import normsweep.run.job, normsweep.__main__;"
+        "from normsweep.run.trackers import make_tracker; from normsweep.config import LoggerConfig;"
         "t = make_tracker(LoggerConfig(), Path('.')); t.start({}, {}); t.log_history([]); t.close({}, []);"
         "bad = [m for m in ('mlflow', 'tensorboard', 'torch.utils.tensorboard', 'optuna_dashboard') if m in sys.modules];"
         "assert not bad, bad"
@@ -341,7 +341,7 @@ def test_optuna_dashboard_opens_a_journal_file_given_as_a_path(tmp_path: Path) -
     pytest.importorskip("optuna_dashboard")
     import optuna
 
-    from normsweep.storage import open_storage, resolve_storage
+    from normsweep.search.storage import open_storage, resolve_storage
 
     path = tmp_path / "norms.journal"  # search.storage=journal:PATH; the dashboard takes PATH itself
     study = optuna.create_study(study_name="j", storage=open_storage(resolve_storage(f"journal:{path}", tmp_path)),

@@ -11,8 +11,8 @@ import torch
 
 from normsweep.config import LrScaling, OptimizerConfig, SchedulerConfig, SchedulerName
 from normsweep.data import load_raw, make_splits
-from normsweep.models import model_from_config
-from normsweep.train import NonFiniteLossError, lr_factor, peak_lr, predict, train
+from normsweep.run.build import model_from_config
+from normsweep.run.train import NonFiniteLossError, lr_factor, peak_lr, predict, train
 
 from .test_config import make_cfg
 
@@ -115,8 +115,8 @@ def test_non_finite_loss_stops_the_run_with_the_epoch_and_the_fix(splits) -> Non
 
 def test_channels_last_and_plain_layout_give_the_same_loss(splits) -> None:
     """The fast path (channels_last) must not change results: same batch, same weights, same loss."""
-    from normsweep.augment import normalize, to_float
-    from normsweep.train import train_step_loss
+    from normsweep.run.augment import normalize, to_float
+    from normsweep.run.train import train_step_loss
 
     x = normalize(to_float(splits.train.x[:50]))
     y = splits.train.y[:50]
@@ -133,9 +133,9 @@ def test_channels_last_and_plain_layout_give_the_same_loss(splits) -> None:
 
 def test_bf16_autocast_trains_and_stays_close_to_fp32(splits) -> None:
     """bf16 changes the arithmetic on purpose; its loss on the same batch stays within 2% of fp32."""
-    from normsweep.augment import normalize, to_float
-    from normsweep.runtime import autocast
-    from normsweep.train import train_step_loss
+    from normsweep.run.augment import normalize, to_float
+    from normsweep.base.runtime import autocast
+    from normsweep.run.train import train_step_loss
 
     x, y = normalize(to_float(splits.train.x[:50])), splits.train.y[:50]
     for norm in ("batch", "group", "layer"):
@@ -154,8 +154,8 @@ def test_bf16_autocast_trains_and_stays_close_to_fp32(splits) -> None:
 @pytest.mark.slow
 def test_compiled_training_step_gives_the_same_loss(splits) -> None:
     """trainer.compile must not change results: same weights, same batch, same loss as eager."""
-    from normsweep.augment import normalize, to_float
-    from normsweep.train import train_step_loss
+    from normsweep.run.augment import normalize, to_float
+    from normsweep.run.train import train_step_loss
 
     x, y = normalize(to_float(splits.train.x[:50])), splits.train.y[:50]
     cfg = make_cfg("norm=group")
@@ -167,7 +167,7 @@ def test_compiled_training_step_gives_the_same_loss(splits) -> None:
 
 
 def test_bf16_auto_follows_the_cpu_flags_and_explicit_settings_win() -> None:
-    from normsweep.runtime import cpu_has_native_bf16, use_bf16
+    from normsweep.base.runtime import cpu_has_native_bf16, use_bf16
 
     assert cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 sha_ni\n")
     assert cpu_has_native_bf16("flags\t\t: fpu amx_tile amx_bf16\n")

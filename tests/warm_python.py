@@ -46,7 +46,7 @@ from typing import Any
 # pyarrow, which it loads, starts a thread). Modules run with -m (normsweep.__main__, .report, .storage)
 # are not preloaded: runpy would warn that they were imported before being run.
 PRELOAD = ("torch", "torchvision", "hydra", "omegaconf", "optuna", "sqlalchemy",
-           "normsweep.config", "normsweep.job", "normsweep.sweeper", "normsweep.worker")  # fmt: skip
+           "normsweep.config", "normsweep.run.job", "normsweep.search.sweeper", "normsweep.search.worker")  # fmt: skip
 IMPORT_TIME_ENV = re.compile(r"^(OMP_|MKL_|KMP_|GOMP_|OPENBLAS_|TORCH|CUDA|LD_|PYTHON(?!PATH$|UNBUFFERED$)|MALLOC)")
 COLD = "NORMSWEEP_TEST_COLD"
 _HEADER = struct.Struct("!Q")  # the request's length, sent with the three file descriptors

@@ -19,9 +19,9 @@ from pathlib import Path
 import optuna
 from scipy.stats import spearmanr
 
-from normsweep.report import find_jobs
-from normsweep.results import RunRecord
-from normsweep.storage import open_storage, resolve_storage
+from normsweep.report.tables import find_jobs
+from normsweep.base.results import RunRecord
+from normsweep.search.storage import open_storage, resolve_storage
 
 Curve = dict[int, float]  # epoch -> validation accuracy; the last epoch's is the final one
 

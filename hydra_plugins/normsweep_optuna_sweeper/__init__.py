@@ -1,6 +1,6 @@
 """Hydra discovers sweepers in the ``hydra_plugins`` namespace; this registers normsweep's.
 
-The implementation is :mod:`normsweep.sweeper`. Select it with ``search=optuna`` (which sets
+The implementation is :mod:`normsweep.search.sweeper`. Select it with ``search=optuna`` (which sets
 ``hydra/sweeper=normsweep_optuna``).
 """
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 
-from normsweep.sweeper import OptunaSweeper
+from normsweep.search.sweeper import OptunaSweeper
 
 
 class NormsweepOptunaSweeper(OptunaSweeper):

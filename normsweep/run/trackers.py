@@ -34,10 +34,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import LoggerConfig, LoggerKind, NormsweepError, dotted
-from .credentials import redact, redact_logs
-from .results import RESULTS_FILE, SUMMARY_FILE, TRAINING_STATE_FILE, EpochRecord, write_json
-from .train import EpochStats
+from normsweep.config import LoggerConfig, LoggerKind, NormsweepError, dotted
+from normsweep.base.credentials import redact, redact_logs
+from normsweep.base.results import RESULTS_FILE, SUMMARY_FILE, TRAINING_STATE_FILE, EpochRecord, write_json
+from normsweep.run.train import EpochStats
 
 log = logging.getLogger(__name__)
 
@@ -363,8 +363,8 @@ class MLflowTracker(Tracker):
 
     def _log_confusion(self, record: dict) -> None:
         """The run's test confusion matrix (from its saved predictions) as ``plots/confusion.png``."""
-        from .plots import plot_confusion
-        from .results import PREDICTIONS_FILE
+        from normsweep.report.plots import plot_confusion
+        from normsweep.base.results import PREDICTIONS_FILE
 
         if not (self.out / PREDICTIONS_FILE).exists() or not record.get("classes"):
             return

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import augment_batch, normalize, to_float
-from .config import AugmentConfig, Config, NormsweepError, OptimizerConfig, SchedulerConfig, TrainerConfig
-from .data import Split, Splits
-from .results import EpochRecord
-from .resume import CheckpointError, load_checkpoint, save_checkpoint
-from .runtime import autocast, use_bf16
+from normsweep.run.augment import augment_batch, normalize, to_float
+from normsweep.config import AugmentConfig, Config, NormsweepError, OptimizerConfig, SchedulerConfig, TrainerConfig
+from normsweep.data import Split, Splits
+from normsweep.base.results import EpochRecord
+from normsweep.run.resume import CheckpointError, load_checkpoint, save_checkpoint
+from normsweep.base.runtime import autocast, use_bf16
 
 log = logging.getLogger(__name__)
 

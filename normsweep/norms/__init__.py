@@ -17,7 +17,7 @@ Layer Normalization for conv feature maps is ``GroupNorm(1, C)``: it normalizes 
 (C, H, W) and learns one scale and shift per channel. ``nn.LayerNorm([C, H, W])`` would learn a
 scale and shift per *pixel* (2*C*H*W parameters: 20,480 for a 10x32x32 map) and blow the budget.
 
-Batch Renormalization, FRN + TLU and EvoNorm-S0/B0 are :mod:`normsweep.norm_layers` (its
+Batch Renormalization, FRN + TLU and EvoNorm-S0/B0 are :mod:`normsweep.norms.layers` (its
 docstring says why not timm's).
 """
 
@@ -29,8 +29,9 @@ from types import SimpleNamespace
 
 from torch import nn
 
-from .errors import ConfigError
-from .norm_layers import BatchRenorm2d, EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTLU2d
+from normsweep.base.errors import ConfigError
+from normsweep.base.registry import Registry
+from normsweep.norms.layers import BatchRenorm2d, EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTLU2d
 
 NormLayer = Callable[[int, str], nn.Module]  # (channels, where) -> the norm layer for that feature map
 NormAct = Callable[..., list[nn.Module]]  # (channels, where, act_first=False) -> the modules after a conv
@@ -56,35 +57,38 @@ class Norm:
     options: tuple[str, ...] = ()  # norm.* keys only this norm reads; conf/norm/<kind>.yaml sets them
     activates: bool = False  # a norm and an activation in one layer: the model adds no ReLU
     batch_statistics: bool = False  # normalizes with batch statistics in training, running ones in eval
+    grouped: bool = False  # reads norm.groups (GroupNorm, EvoNorm-S0)
 
 
 BATCH_RENORM_OPTIONS = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_steps")
 
 # norm.kind -> its layer. The order is the plots' colour order.
-NORMS: dict[str, Norm] = {
-    "batch": Norm(lambda c, s, where: nn.BatchNorm2d(c), batch_statistics=True),
-    "group": Norm(lambda c, s, where: nn.GroupNorm(_groups(c, s.groups, where, "GroupNorm"), c)),
-    "layer": Norm(lambda c, s, where: nn.GroupNorm(1, c)),  # LayerNorm over (C, H, W), per-channel affine
-    "instance": Norm(lambda c, s, where: nn.GroupNorm(c, c)),  # InstanceNorm with per-channel affine
-    "none": Norm(lambda c, s, where: nn.Identity()),
-    "batch_renorm": Norm(lambda c, s, where: BatchRenorm2d(c, **{k: getattr(s, k) for k in BATCH_RENORM_OPTIONS}),
-                         options=BATCH_RENORM_OPTIONS, batch_statistics=True),  # fmt: skip
-    "frn": Norm(lambda c, s, where: FilterResponseNormTLU2d(c, s.eps), options=("eps",), activates=True),
-    "evonorm_s0": Norm(lambda c, s, where: EvoNorm2dS0(c, _groups(c, s.groups, where, "EvoNorm-S0")), activates=True),
-    "evonorm_b0": Norm(lambda c, s, where: EvoNorm2dB0(c), activates=True, batch_statistics=True),
-}
-
-
-def _entry(kind: str) -> Norm:
-    if kind not in NORMS:
-        raise ConfigError(f"norm.kind={kind!r} is unknown; expected one of {tuple(NORMS)}")
-    return NORMS[kind]
+NORMS: Registry[Norm] = Registry("norm.kind")
+NORMS.register("batch", Norm(lambda c, s, where: nn.BatchNorm2d(c), batch_statistics=True))
+NORMS.register("group", Norm(lambda c, s, where: nn.GroupNorm(_groups(c, s.groups, where, "GroupNorm"), c), grouped=True))
+NORMS.register("layer", Norm(lambda c, s, where: nn.GroupNorm(1, c)))  # LayerNorm over (C, H, W), per-channel affine
+NORMS.register("instance", Norm(lambda c, s, where: nn.GroupNorm(c, c)))  # InstanceNorm with per-channel affine
+NORMS.register("none", Norm(lambda c, s, where: nn.Identity()))
+NORMS.register(
+    "batch_renorm",
+    Norm(
+        lambda c, s, where: BatchRenorm2d(c, **{k: getattr(s, k) for k in BATCH_RENORM_OPTIONS}),
+        options=BATCH_RENORM_OPTIONS,
+        batch_statistics=True,
+    ),
+)
+NORMS.register("frn", Norm(lambda c, s, where: FilterResponseNormTLU2d(c, s.eps), options=("eps",), activates=True))
+NORMS.register(
+    "evonorm_s0",
+    Norm(lambda c, s, where: EvoNorm2dS0(c, _groups(c, s.groups, where, "EvoNorm-S0")), activates=True, grouped=True),
+)
+NORMS.register("evonorm_b0", Norm(lambda c, s, where: EvoNorm2dB0(c), activates=True, batch_statistics=True))
 
 
 def norm_layer(kind: str, groups: int = 1, **options) -> NormLayer:
     """The constructor of bare ``kind`` norm layers (``norm.groups`` for GroupNorm and EvoNorm-S0;
     ``options``: the entry's own ``norm.*`` keys, e.g. ``eps`` for FRN)."""
-    entry = _entry(kind)
+    entry = NORMS.entry(kind)
     missing = [k for k in entry.options if options.get(k) is None]
     if missing:
         raise ConfigError(f"norm={kind} needs norm.{missing[0]} (conf/norm/{kind}.yaml sets it)")

@@ -29,10 +29,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .columns import SETTINGS, setting_text, varying_columns, with_known_settings  # noqa: E402
-from .data import CLASSES  # noqa: E402
-from .norms import NORMS  # noqa: E402
-from .results import PREDICTIONS_FILE, RESULTS_FILE, RunRecord, atomic_write  # noqa: E402
+from normsweep.report.columns import SETTINGS, setting_text, varying_columns, with_known_settings  # noqa: E402
+from normsweep.data import CLASSES  # noqa: E402
+from normsweep.norms import NORMS  # noqa: E402
+from normsweep.base.results import PREDICTIONS_FILE, RESULTS_FILE, RunRecord, atomic_write  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def _test_images(result: RunRecord) -> tuple[np.ndarray, tuple[str, ...]]:
 @functools.lru_cache(maxsize=2)
 def _load_test_images(root: str, fmt: str, cache_dir: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
     """The test images of one dataset, loaded (and checksummed) once for all the runs of a sweep."""
-    from .data import load_raw
+    from normsweep.data import load_raw
 
     raw = load_raw(root, fmt, False, cache_dir)
     return raw.test_x.permute(0, 2, 3, 1).numpy(), raw.classes

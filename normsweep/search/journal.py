@@ -14,7 +14,7 @@ one-byte read per append; only a torn file is read further.
 
 A journal broken in the middle (by an older normsweep or another tool) is not rewritten on the
 fly: :func:`open_journal` raises :class:`JournalDamaged`, which points to ``python -m
-normsweep.storage repair FILE`` (:func:`repair`): a backup, then every readable record written back.
+normsweep.search.storage repair FILE`` (:func:`repair`): a backup, then every readable record written back.
 Nothing here runs code from the file: records are read with ``json.loads`` only.
 """
 
@@ -34,7 +34,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalFileSymlinkLock
 from optuna.storages.journal._storage import JournalOperation
 
-from .errors import NormsweepError
+from normsweep.base.errors import NormsweepError
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def repair(path: Path, say: Callable[[str], None] = print) -> Optional[Path]:
     records are written to a temporary file, replayed through Optuna's own reader, and the file is
     renamed onto ``path``. A journal with nothing to drop is left untouched (returns None).
     """
-    from .results import atomic_write  # brings torch: imported here, not by every search that opens a journal
+    from normsweep.base.results import atomic_write  # brings torch: imported here, not by every search that opens a journal
 
     path = Path(path)
     if not path.is_file():

@@ -1,12 +1,12 @@
 """normsweep's Hydra sweeper: prepares a search's studies, starts its workers, writes its results.
 
 ``python -m normsweep -m search=optuna [norm=batch,group,layer] [search.workers=N] ...`` (the search
-itself is described in :mod:`normsweep.search`):
+itself is described in :mod:`normsweep.search.trials`):
 
 1. one Optuna study per grid point, created (or loaded, to resume) in the storage, each new one
    with the current settings as trial 0;
 2. ``search.workers`` worker jobs started through whichever launcher is configured
-   (:mod:`normsweep.worker`), waited for;
+   (:mod:`normsweep.search.worker`), waited for;
 3. ``optimization_results.yaml`` / ``.md`` and Optuna's plots, read from the storage; Hydra's
    report callback then writes the results table of the trials' job directories.
 """
@@ -24,8 +24,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from .config import SearchConfig
-from .search import (
+from normsweep.config import SearchConfig
+from normsweep.search.trials import (
     SearchError,
     current_values,
     enqueue_current,
@@ -36,9 +36,9 @@ from .search import (
     to_distribution,
     uses_slot,
 )
-from .storage import open_storage, resolve_storage
-from .studies import study_summary, write_studies
-from .worker import SearchWorker, StudyPlan
+from normsweep.search.storage import open_storage, resolve_storage
+from normsweep.search.studies import study_summary, write_studies
+from normsweep.search.worker import SearchWorker, StudyPlan
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class OptunaSweeper(Sweeper):
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher
         from hydra.core.plugins import Plugins
 
-        from .runtime import launcher_jobs_at_once
+        from normsweep.base.runtime import launcher_jobs_at_once
 
         launcher = Plugins.instance().instantiate_launcher(
             hydra_context=self.hydra_context, task_function=worker, config=self.config
@@ -128,7 +128,7 @@ class OptunaSweeper(Sweeper):
         """
         from hydra.core.utils import JobStatus
 
-        from .signals import sigterm_interrupts
+        from normsweep.base.signals import sigterm_interrupts
 
         log.info("starting %d search workers through %s; each serves every study", n, type(launcher).__name__)
         jobs = [[*fixed, f"hydra.sweep.subdir=workers/worker_{i}", "hydra.output_subdir=null"] for i in range(n)]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import dotted
+from normsweep.config import dotted
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The settings a sweep's runs are compared by: the columns the report's tables and the plots' labels share.
 
-Plain data and pandas only: :mod:`normsweep.report` and :mod:`normsweep.plots` both read it, and
+Plain data and pandas only: :mod:`normsweep.report.tables` and :mod:`normsweep.report.plots` both read it, and
 neither imports the other for it (report -> plots is the one direction between them).
 """
 

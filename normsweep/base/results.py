@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import NormsweepError
+from normsweep.base.errors import NormsweepError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from normsweep.base.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,24 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
-from . import credentials, recipes, results, trackers, trial_hook
-from .config import Config, ConfigError, NormsweepError, to_config
-from .data import load_raw, make_splits
-from .models import check_budget, count_params, model_from_config
-from .results import RunRecord
-from .resume import CheckpointError, load_checkpoint, previous_result, resume_hint
-from .runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
-from .signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
-from .train import EpochStats, accuracy, predict, prepare_eval, train
+from normsweep.base import credentials
+
+from normsweep.run import recipes
+
+from normsweep.base import results
+
+from normsweep.run import trackers
+
+from normsweep.run import trial_hook
+from normsweep.config import Config, ConfigError, NormsweepError, to_config
+from normsweep.data import load_raw, make_splits
+from normsweep.models import count_params
+from normsweep.run.build import check_budget, model_from_config
+from normsweep.base.results import RunRecord
+from normsweep.run.resume import CheckpointError, load_checkpoint, previous_result, resume_hint
+from normsweep.base.runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
+from normsweep.base.signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
+from normsweep.run.train import EpochStats, accuracy, predict, prepare_eval, train
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +136,7 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
 
     Holds ``out_dir`` for the whole run (:func:`hold_run_dir`): a second process on the same
     directory stops at once, naming this one. A password written into the config stops it before
-    anything is written (:mod:`normsweep.credentials`).
+    anything is written (:mod:`normsweep.base.credentials`).
     """
     credentials.refuse_inline_passwords(dcfg)
     with hold_run_dir(Path(out_dir)):

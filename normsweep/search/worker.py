@@ -1,11 +1,11 @@
 """Search workers: each runs Optuna's loop itself, against the storage all of them share.
 
-The sweeper (:mod:`normsweep.sweeper`) prepares the studies of a search, then starts
+The sweeper (:mod:`normsweep.search.sweeper`) prepares the studies of a search, then starts
 ``search.workers`` worker jobs through whichever Hydra launcher is configured (``basic``: one, in
 its own process; ``joblib``: processes on this machine; ``submitit_local``: processes;
 ``submitit_slurm``: the tasks of one array job). Every worker, on its own:
 
-1. takes a trial slot (:func:`normsweep.search.take_trial`: count and ask under the cross-worker
+1. takes a trial slot (:func:`normsweep.search.trials.take_trial`: count and ask under the cross-worker
    lock, so that all workers together run exactly ``search.n_trials`` per study);
 2. runs the trial's job in its own process, as Hydra's basic launcher would (``run_job``, job
    directory ``<sweep dir>/<study>/trial_<number>``): the job reports each epoch's validation
@@ -19,7 +19,7 @@ workers to the others, and each study's trials are spread out in time, so TPE pr
 as many finished trials to learn from as the parallelism allows.
 
 A worker stopped by a signal (Ctrl-C, SIGTERM: ``scancel``, preemption, ``scontrol requeue``)
-fails its running trial and frees its slot (:func:`normsweep.search.free_slot`); one killed
+fails its running trial and frees its slot (:func:`normsweep.search.trials.free_slot`); one killed
 outright leaves it RUNNING until the heartbeat rule fails it. Either way the trial's parameters
 are enqueued again and run in the same job directory, resuming from its checkpoint; a command
 re-run with another ``hydra.sweep.dir`` (the default one is timestamped) resumes it from a copy of
@@ -46,18 +46,18 @@ from hydra.core.utils import JobStatus, configure_log, run_job
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from . import trial_hook
-from .config import SearchConfig, register_configs
-from .credentials import recorded_config
-from .results import RESULTS_FILE, TRAINING_STATE_FILE, RunRecord, atomic_write
-from .resume import config_differences
-from .search import (
+from normsweep.run import trial_hook
+from normsweep.config import SearchConfig, register_configs
+from normsweep.base.credentials import recorded_config
+from normsweep.base.results import RESULTS_FILE, TRAINING_STATE_FILE, RunRecord, atomic_write
+from normsweep.run.resume import config_differences
+from normsweep.search.trials import (
     EARLIER_JOB_DIRS_ATTR, JOB_DIR_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, heartbeat, search_config, take_trial,
     uses_slot,
 )
-from .signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
-from .storage import open_storage, resolve_storage, storage_file, trial_slot_lock
-from .studies import fmt_value, study_summary
+from normsweep.base.signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
+from normsweep.search.storage import open_storage, resolve_storage, storage_file, trial_slot_lock
+from normsweep.search.studies import fmt_value, study_summary
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def progress(study: optuna.Study, number: int, n_trials: int, seconds: float) ->
     """One line on trial ``number``'s outcome and where its study stands, for the worker's log.
 
     The counts are ``studies.study_summary``'s (every trial in each state); the trials of stopped or
-    dead workers, which gave their slots back (:func:`normsweep.search.uses_slot`), are said apart.
+    dead workers, which gave their slots back (:func:`normsweep.search.trials.uses_slot`), are said apart.
     """
     t = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     outcome = {"fail": "failed"}.get(t.state.name.lower(), t.state.name.lower())

@@ -9,11 +9,11 @@
   per combination, so each normalization gets its own tuned settings.
 * The objective is the final validation accuracy (the split carved from the training set).
 * Storage is any SQLAlchemy URL, or ``journal:PATH`` for Optuna's journal file (see
-  ``normsweep/storage.py``); the default is an SQLite file at a stable path, and a study's name
+  ``normsweep/search/storage.py``); the default is an SQLite file at a stable path, and a study's name
   is derived from its fixed overrides, so running the same command again resumes:
   ``search.n_trials`` is the total number of trials of the study.
 * The trials run in ``search.workers`` worker jobs that the sweeper starts through the configured
-  launcher (``normsweep/worker.py``): each takes a slot under a lock, runs the trial's job in its
+  launcher (``normsweep/search/worker.py``): each takes a slot under a lock, runs the trial's job in its
   own process with pruning, tells the result and takes the next slot, so together they run
   exactly ``n_trials`` per study. Workers started by hand (the same command in several processes
   or on several machines, one shared storage) split the trials the same way. Trial jobs go to
@@ -25,7 +25,7 @@
   and that trial's test accuracy per study) and Optuna's plots in ``optuna/<study>/``.
 
 This module holds the search space, the pruners and the trial slots of a shared study; the Hydra
-sweeper is in ``normsweep/sweeper.py``, the workers in ``normsweep/worker.py``.
+sweeper is in ``normsweep/search/sweeper.py``, the workers in ``normsweep/search/worker.py``.
 
 A worker stopped by Ctrl-C or SIGTERM marks its running trial FAIL and frees its slot; one killed
 outright stops its heartbeats (:func:`heartbeat`), and the next worker to take a slot marks its
@@ -50,8 +50,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-from .config import NormsweepError, SearchConfig, is_result_neutral
-from .storage import trial_slot_lock
+from normsweep.config import NormsweepError, SearchConfig, is_result_neutral
+from normsweep.search.storage import trial_slot_lock
 
 log = logging.getLogger(__name__)
 

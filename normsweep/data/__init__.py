@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import results
-from .config import NormsweepError
+from normsweep.base import results
+from normsweep.base.errors import NormsweepError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The CNN family. Models take a norm-act callable ``norm(channels, where, act_first=False)``
+"""normsweep's own CNN family. Models take a norm-act callable ``norm(channels, where, act_first=False)``
 (``norms.norm_act``) and place what it returns after each conv that feeds a norm: the norm and its
 ReLU, or one layer that is both (FRN + TLU, EvoNorm; no ReLU around them). ``norms.norm_act`` is
 the one place that decides whether a ReLU goes with a norm; the models below never name a norm.
@@ -18,15 +18,13 @@ With ``ws`` (``norm.ws``) every 3x3 conv that feeds a norm is weight-standardize
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .config import Config
-from .errors import ConfigError, NormsweepError
-from .norms import NORMS, NormAct, norm_act
+from normsweep.base.errors import ConfigError
+from normsweep.norms import NormAct
 
 
 class Dropout(nn.Dropout):
@@ -171,65 +169,3 @@ class StudyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-
-ARCHS = ("study", "resnet")
-
-
-def build_model(
-    arch: str,
-    norm: str,
-    groups: int,
-    dropout: float,
-    widths: Sequence[int] = (),
-    depths: Sequence[int] = (),
-    num_classes: int = 10,
-    ws: bool = False,
-    norm_options: Mapping[str, Any] | None = None,
-) -> nn.Module:
-    """The network named by ``model.arch`` with ``norm.kind`` layers (``norm.groups`` for GroupNorm
-    and EvoNorm-S0; ``norm_options``: the norm's own ``norm.*`` keys, ``norms.NORMS[norm].options``).
-
-    ``ws`` (``norm.ws``): Weight Standardization for every 3x3 conv that feeds a norm layer.
-    """
-    layer = norm_act(norm, groups, **(norm_options or {}))
-    if arch == "study":
-        return StudyNet(layer, dropout, num_classes, ws=ws)
-    if arch == "resnet":
-        return ResNet(layer, dropout, widths, depths, num_classes, ws=ws)
-    raise ConfigError(f"model.arch={arch!r} is unknown; expected one of {ARCHS}")
-
-
-class BudgetError(NormsweepError, ValueError):
-    """The run would break the study's limits (budget.*)."""
-
-
-def check_budget(cfg: Config, params: int) -> None:
-    b = cfg.budget
-    if not b.enforce:
-        return
-    if params > b.max_params:
-        raise BudgetError(
-            f"the model has {params:,} parameters, over budget.max_params={b.max_params:,}; "
-            f"choose a smaller model (model.widths) or pass budget.enforce=false to go beyond on purpose"
-        )
-    if cfg.trainer.epochs > b.max_epochs:
-        raise BudgetError(
-            f"trainer.epochs={cfg.trainer.epochs} is over budget.max_epochs={b.max_epochs}; "
-            f"lower it or pass budget.enforce=false to go beyond on purpose"
-        )
-
-
-def model_from_config(cfg: Config, num_classes: int = 10) -> nn.Module:
-    """The model ``cfg`` describes: ``model.*`` picks the network, ``norm.*`` its norm layers."""
-    kind = cfg.norm.kind.value
-    return build_model(
-        cfg.model.arch.value,
-        kind,
-        cfg.norm.groups,
-        cfg.model.dropout,
-        cfg.model.widths,
-        cfg.model.depths,
-        num_classes,
-        ws=cfg.norm.ws,
-        norm_options={key: getattr(cfg.norm, key) for key in NORMS[kind].options},
-    )

@@ -14,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import AugmentConfig
-from .data import MEAN, STD
+from normsweep.config import AugmentConfig
+from normsweep.data import MEAN, STD
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.device) -> torch.Tensor:

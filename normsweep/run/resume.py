@@ -19,8 +19,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from .config import NormsweepError, dotted, is_result_neutral
-from .results import RESULTS_FILE, TRAINING_STATE_FILE, EpochRecord, RunRecord, UnsafeFileError, load_torch, save_torch
+from normsweep.config import NormsweepError, dotted, is_result_neutral
+from normsweep.base.results import RESULTS_FILE, TRAINING_STATE_FILE, EpochRecord, RunRecord, UnsafeFileError, load_torch, save_torch
 
 CHECKPOINT_VERSION = 1
 

@@ -9,7 +9,7 @@
   setting: difference in mean final test accuracy with its 95% confidence interval, Welch's
   t-test p-value, whether the pair is distinguishable at p < 0.05, and the seeds per
   configuration that would resolve the difference (:func:`compare_configs`);
-* ``plots/``: the figures of :mod:`normsweep.plots`.
+* ``plots/``: the figures of :mod:`normsweep.report.plots`.
 
 The same report is written at the end of every multirun by :class:`ReportCallback` (registered
 in ``conf/train.yaml``). Failed or unfinished runs are listed with their status and the first
@@ -38,9 +38,9 @@ from filelock import FileLock
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .columns import SETTINGS, setting_text, varying_columns
-from .config import is_result_neutral
-from .results import RESULTS_FILE, RunRecord, remove_stray_temp_files, write_text
+from normsweep.report.columns import SETTINGS, setting_text, varying_columns
+from normsweep.config import is_result_neutral
+from normsweep.base.results import RESULTS_FILE, RunRecord, remove_stray_temp_files, write_text
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def _write_report(df: pd.DataFrame, sweep_dirs: list[str | Path], out: Path, plo
             write_text(out / "comparisons.csv", comparisons.table.to_csv(index=False))
             write_text(out / "comparisons.md", comparisons_markdown(comparisons))
     if plots:
-        from .plots import write_plots
+        from normsweep.report.plots import write_plots
 
         try:
             write_plots(df, [Path(d) for d in sweep_dirs], out / "plots")
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         df = write_report(args.sweep_dirs, args.out, plots=not args.no_plots)
     except ReportError as e:
-        print(f"normsweep.report: {e}", file=sys.stderr)
+        print(f"normsweep.report.tables: {e}", file=sys.stderr)
         return 2
     print(print_table(df))
     comparisons = compare_configs(df)

@@ -1,0 +1,4 @@
+"""One run: a Hydra job from config to outputs (``job``), its training loop (``train``), the batched
+on-device augmentation (``augment``), the model and budget a config asks for (``build``), resuming
+(``resume``), the norm's recipe check (``recipes``), the trackers it reports to (``trackers``) and
+what it knows of a search (``trial_hook``)."""
