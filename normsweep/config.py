@@ -18,7 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from normsweep.base.credentials import URL_KEYS
 from normsweep.base.errors import ConfigError, NormsweepError  # noqa: F401 - the config's errors, imported from here too
+from normsweep.base.registry import choice
 from normsweep.models import MODELS
+from normsweep.run.optim import OPTIMIZERS, SCHEDULERS
+from normsweep.search.pruners import PRUNERS
 from normsweep.norms import NORMS
 
 
@@ -28,20 +31,14 @@ NormKind = NORMS.enum("NormKind")  # norms.NORMS: one registry
 Arch = MODELS.enum("Arch")  # models.MODELS: the model families
 
 
-class OptimizerName(str, Enum):
-    sgd = "sgd"
-    adam = "adam"
-    adamw = "adamw"
+OptimizerName = OPTIMIZERS.enum("OptimizerName")  # run.optim.OPTIMIZERS
 
 
 class LrScaling(str, Enum):
     linear = "linear"  # train.peak_lr: optimizer.lr x trainer.batch_size / optimizer.base_batch_size
 
 
-class SchedulerName(str, Enum):
-    none = "none"
-    onecycle = "onecycle"
-    cosine = "cosine"
+SchedulerName = SCHEDULERS.enum("SchedulerName")  # run.optim.SCHEDULERS
 
 
 class DataFormat(str, Enum):
@@ -72,7 +69,7 @@ class NormConfig:
     def __post_init__(self) -> None:
         if self.groups < 1:
             _fail("norm.groups", self.groups, "an integer >= 1")
-        kind = getattr(self.kind, "value", self.kind)
+        kind = choice(self.kind)
         for key in sorted({k for norm in NORMS.values() for k in norm.options}):
             value, users = getattr(self, key), [k for k, norm in NORMS.items() if key in norm.options]
             if value is None and kind in users:
@@ -256,7 +253,6 @@ class LoggerConfig:
                 _fail(f"logger.{key}", getattr(self, key), "null unless logger=mlflow")
 
 
-PRUNERS = ("median", "none", "threshold", "hyperband", "successive_halving")
 
 
 @dataclass
@@ -265,7 +261,7 @@ class SearchConfig:
     seed: int = 0  # TPE sampler seed
     storage: Optional[str] = None  # SQLAlchemy URL or journal:PATH; default sqlite:///optuna/normsweep.db
     study_name: Optional[str] = None  # default: derived from the fixed overrides, one per grid point
-    pruner: str = "median"  # median | none | threshold | hyperband | successive_halving
+    pruner: str = "median"  # a name of search.pruners.PRUNERS: median | none | threshold | hyperband | successive_halving
     prune_below: float = 0.0  # threshold pruner: prune when validation accuracy is below this
     pruner_startup_trials: int = 3  # median pruner: trials that are never pruned
     min_resource: int = 1  # median/hyperband/successive_halving: epochs every trial runs before it can be pruned

@@ -177,6 +177,30 @@ def test_the_floor_check_finds_an_upward_import() -> None:
     assert _floor("run.optim") < _floor("config") and _floor("base.errors") == 0
 
 
+@pytest.mark.parametrize("registry, enum", [
+    ("normsweep.norms:NORMS", "NormKind"), ("normsweep.models:MODELS", "Arch"),
+    ("normsweep.run.optim:OPTIMIZERS", "OptimizerName"), ("normsweep.run.optim:SCHEDULERS", "SchedulerName"),
+])  # fmt: skip
+def test_each_choice_of_the_schema_is_its_registry(registry: str, enum: str) -> None:
+    """The schema's allowed values are the registry's names, in its order: adding an entry adds the choice."""
+    import importlib
+
+    from normsweep import config
+
+    module, name = registry.split(":")
+    assert [e.value for e in getattr(config, enum)] == list(getattr(importlib.import_module(module), name))
+
+
+def test_the_pruner_choice_is_its_registry() -> None:
+    from normsweep.config import ConfigError, SearchConfig
+    from normsweep.search.pruners import PRUNERS
+
+    for name in PRUNERS:
+        SearchConfig(pruner=name)
+    with pytest.raises(ConfigError, match="search.pruner='nope'"):
+        SearchConfig(pruner="nope")
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle in ``graph`` (as the path around it), or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done

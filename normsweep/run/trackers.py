@@ -34,6 +34,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from normsweep.base.registry import choice
 from normsweep.config import LoggerConfig, LoggerKind, NormsweepError, dotted
 from normsweep.base.credentials import redact, redact_logs
 from normsweep.base.results import RESULTS_FILE, SUMMARY_FILE, TRAINING_STATE_FILE, EpochRecord, write_json
@@ -393,7 +394,7 @@ def _store_lock(uri: str):
 
 def make_tracker(cfg: LoggerConfig, out: Path) -> Tracker:
     """The tracker ``logger.kind`` names (not started)."""
-    kind = LoggerKind(getattr(cfg.kind, "value", cfg.kind))
+    kind = LoggerKind(choice(cfg.kind))
     if kind == LoggerKind.tensorboard:
         return TensorBoardTracker(tensorboard_dir(cfg, out), out)
     if kind == LoggerKind.mlflow:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from normsweep.base.registry import choice
+from normsweep.run.optim import OPTIMIZERS, SCHEDULERS
 from normsweep.run.augment import augment_batch, normalize, to_float
 from normsweep.config import AugmentConfig, Config, NormsweepError, OptimizerConfig, SchedulerConfig, TrainerConfig
 from normsweep.data import Split, Splits
@@ -45,38 +47,21 @@ def peak_lr(cfg: OptimizerConfig, batch_size: int) -> float:
     default). The warm-up that rule needs is the scheduler's (``scheduler=onecycle`` rises linearly
     to this peak over the first ``scheduler.warmup_frac`` of the steps). Null: ``optimizer.lr`` as given.
     """
-    if getattr(cfg.lr_scaling, "value", cfg.lr_scaling) is None:
+    if choice(cfg.lr_scaling) is None:
         return cfg.lr
     return cfg.lr * batch_size / (cfg.base_batch_size or TrainerConfig.batch_size)
 
 
 def make_optimizer(params, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
-    """The optimizer ``cfg`` names, at peak learning rate ``lr`` (:func:`peak_lr`)."""
-    name = getattr(cfg.name, "value", cfg.name)
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
-        )
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer.name={name!r} is unknown")
+    """The optimizer ``cfg`` names (:data:`~normsweep.run.optim.OPTIMIZERS`), at peak learning rate ``lr``
+    (:func:`peak_lr`)."""
+    return OPTIMIZERS.entry(cfg.name)(params, cfg, lr)
 
 
 def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int) -> float:
-    """The learning rate at ``step`` as a fraction of the peak (:func:`peak_lr`)."""
-    name = getattr(cfg.name, "value", cfg.name)
-    progress = step / max(total_steps, 1)
-    if name == "none":
-        return 1.0
-    if name == "cosine":
-        return cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-    if name == "onecycle":  # linear up, then linear down
-        if progress < cfg.warmup_frac:
-            return progress / cfg.warmup_frac
-        return 1.0 - (1.0 - cfg.final_lr_frac) * (progress - cfg.warmup_frac) / (1 - cfg.warmup_frac)
-    raise ValueError(f"scheduler.name={name!r} is unknown")
+    """The learning rate at ``step`` as a fraction of the peak (:func:`peak_lr`;
+    :data:`~normsweep.run.optim.SCHEDULERS`)."""
+    return SCHEDULERS.entry(cfg.name)(cfg, step / max(total_steps, 1))
 
 
 def prepare_eval(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

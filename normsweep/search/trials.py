@@ -51,6 +51,8 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from omegaconf import DictConfig, OmegaConf
 
 from normsweep.config import NormsweepError, SearchConfig, is_result_neutral
+from normsweep.base.registry import choice
+from normsweep.search.pruners import PRUNERS
 from normsweep.search.storage import trial_slot_lock
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ def study_name_for(config: DictConfig, grid_point: tuple[str, ...], fixed: list[
     """``normsweep-<norm>-<hash of the other overrides>``: the same command maps to the same study."""
     norm = next((o.split("=", 1)[1] for o in grid_point + tuple(fixed) if o.startswith("norm=")),
                 OmegaConf.select(config, "norm.kind", default="norm"))  # fmt: skip
-    norm = getattr(norm, "value", norm)
+    norm = choice(norm)
     identity = sorted(
         o for o in (*grid_point, *fixed) if not o.startswith(("search.", "hydra.")) and not is_result_neutral(o)
     )
@@ -127,17 +129,8 @@ def study_name_for(config: DictConfig, grid_point: tuple[str, ...], fixed: list[
 
 
 def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
-    if cfg.pruner == "none":
-        return optuna.pruners.NopPruner()
-    if cfg.pruner == "threshold":
-        return optuna.pruners.ThresholdPruner(lower=cfg.prune_below)
-    if cfg.pruner == "hyperband":  # brackets of successive halving; max resource = the epochs of a trial
-        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor)
-    if cfg.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor
-        )
-    return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.min_resource)
+    """The pruner ``search.pruner`` names (:data:`~normsweep.search.pruners.PRUNERS`)."""
+    return PRUNERS.entry(cfg.pruner)(cfg)
 
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -283,7 +276,7 @@ def current_values(config: DictConfig, dims: dict[str, optuna.distributions.Base
     values = {}
     for key, dist in dims.items():
         value = OmegaConf.select(config, key, default=None)
-        value = getattr(value, "value", value)  # an Enum member: its value
+        value = choice(value)  # an Enum member: its value
         if isinstance(dist, optuna.distributions.CategoricalDistribution) and value not in dist.choices:
             log.warning("search.enqueue_current: %s=%r is not one of %s; trial 0 samples it", key, value, dist.choices)
             continue
