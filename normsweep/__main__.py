@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from normsweep.config import NormsweepError, register_configs
-from normsweep.base.credentials import has_password
+from normsweep.base.credentials import has_password, refusal, secret_arguments
 from normsweep.run.job import run
 
 register_configs()
@@ -67,6 +67,21 @@ def require_configs() -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def refuse_secret_arguments(argv: list[str]) -> None:
+    """Stop (exit status 2) before Hydra reads the command line if an argument is or holds a secret
+    (:mod:`normsweep.base.credentials`): Hydra would quote an override it cannot parse in its error."""
+    found = secret_arguments(argv)
+    if found:
+        print(f"normsweep: {refusal(found)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cli() -> None:
+    """``normsweep`` = ``python -m normsweep``: the checks before Hydra, then :func:`main`."""
     require_configs()
+    refuse_secret_arguments(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -29,8 +29,18 @@ from pathlib import Path
 
 import optuna
 import pytest
+from omegaconf import OmegaConf
 
-from normsweep.base.credentials import InlinePassword, RedactingFilter, inline_passwords, recorded_config, redact
+from normsweep.base.credentials import (
+    CLIENT_QUERY_SECRETS,
+    InlinePassword,
+    RedactingFilter,
+    inline_passwords,
+    is_secret_name,
+    recorded_config,
+    redact,
+    secret_arguments,
+)
 from normsweep.search.trials import study_name_for
 
 from . import warm_python
@@ -62,6 +72,68 @@ TIMEOUT = 900  # generous: these runs share 2 cores with whatever else is runnin
 ])  # fmt: skip
 def test_redact_masks_every_url_password_and_keeps_interpolations(text: str, shown: str | None) -> None:
     assert redact(text) == (shown or text)
+
+
+# The rule (normsweep/base/credentials.py, "What is a secret") as a table: what is refused, what is not.
+def _group_for(key: str) -> list[str]:
+    return ["search=optuna"] if key.startswith("search.") else ["logger=mlflow"] if key.startswith("logger.") else []
+
+
+def _quoted(override: str) -> str:
+    """A URL with a query, quoted as Hydra's override grammar needs it (``key="scheme://h/?a=b"``)."""
+    key, value = override.split("=", 1)
+    return f'{key}="{value}"' if "?" in value else override
+
+
+@pytest.mark.parametrize("override", [
+    "search.storage=postgresql+psycopg://bob@db:5432/opt?password=hunter2",  # libpq reads it from the query
+    "search.storage=postgresql://bob@db/opt?sslmode=verify-full&sslpassword=hunter2",  # libpq: the key's passphrase
+    "search.storage=mysql+pymysql://bob@db/opt?passwd=hunter2&charset=utf8mb4",  # PyMySQL / mysqlclient
+    "search.storage=mysql://bob@db/opt?password=hunter2",
+    "logger.tracking_uri=http://127.0.0.1:5000/?token=hunter2",  # a proxy's token in MLflow's URI
+    "logger.tracking_uri=https://mlflow.example.org/?access_token=hunter2",
+    "+hydra.job.env_set.PGPASSWORD=hunter2", "+hydra.job.env_set.HF_TOKEN=hunter2",
+    "+hydra.job.env_set.AWS_SECRET_ACCESS_KEY=hunter2", "+hydra.job.env_set.password=hunter2",
+    "+hydra.job.env_set.apiKey=hunter2", "+hydra.job.env_set.MY_API_KEY=hunter2", "+hydra.job.env_set.credentials=hunter2",
+    "search.storage=postgresql://bob:hunter2@db/opt",  # userinfo, as before
+])  # fmt: skip
+def test_every_form_of_a_secret_is_refused_with_the_key_named_and_the_value_masked(override: str) -> None:
+    key, value = override.split("=", 1)
+    key = key.lstrip("+")
+    found = inline_passwords(compose_config([*_group_for(key), _quoted(override)], return_hydra_config=True))
+    assert list(found) == [key] and "hunter2" not in found[key]
+    for argument in (override, _quoted(override)):  # the command line is refused before Hydra parses it too
+        assert list(secret_arguments([argument])) == [key] and "hunter2" not in redact(argument)
+
+
+@pytest.mark.parametrize("override", [
+    "norm.eps=1e-6", "search.n_trials=3", "optimizer.lr=0.1", "trainer.label_smoothing=0.1",
+    "search.storage=postgresql+psycopg://bob@db/opt?sslmode=require&application_name=password_study",
+    "search.storage=postgresql://bob@db/opt?passfile=/home/bob/.pgpass",  # a path to the secret, not the secret
+    "search.storage=postgresql://bob@db/opt?password=${oc.env:PG_PASSWORD}",  # the way to give one
+    "logger.tracking_uri=http://127.0.0.1:5000/?experiment=token_study",  # a value that merely holds the word
+    "logger.experiment=password-reset-ablation", "+hydra.job.env_set.TOKENIZERS_PARALLELISM=false",
+    "+hydra.job.env_set.max_tokens=512", "+hydra.job.env_set.PGPASSWORD=${oc.env:PGPASSWORD_FILE_VALUE}",
+    "search.storage=journal:/shared/token_search/optuna.journal",
+])  # fmt: skip
+def test_ordinary_keys_values_and_urls_are_not_taken_for_secrets(override: str) -> None:
+    key = override.split("=", 1)[0].lstrip("+")
+    assert inline_passwords(compose_config([*_group_for(key), _quoted(override)], return_hydra_config=True)) == {}
+    assert secret_arguments([override]) == {} and redact(override) == override
+
+
+def test_every_credential_parameter_a_client_documents_is_a_secret_by_name() -> None:
+    assert all(is_secret_name(name) for names in CLIENT_QUERY_SECRETS.values() for name in names)
+    assert not any(is_secret_name(k) for k in ("norm.eps", "search.n_trials", "max_tokens", "passfile", "sslkey"))
+
+
+def test_a_secret_named_key_is_recorded_as_written_when_interpolated_and_masked_when_not(monkeypatch) -> None:
+    monkeypatch.setenv("MY_TOKEN", "tok-s3cret")
+    cfg = OmegaConf.create({"env_set": {"HF_TOKEN": "${oc.env:MY_TOKEN}"}, "kwargs": {"api_key": "plain-s3cret"},
+                            "max_tokens": "${oc.env:MY_TOKEN}"})  # fmt: skip
+    record = recorded_config(cfg)
+    assert record["env_set"]["HF_TOKEN"] == "${oc.env:MY_TOKEN}" and record["kwargs"]["api_key"] == "***"
+    assert record["max_tokens"] == "tok-s3cret"  # not a secret's name: resolved, as any other interpolation
 
 
 def test_inline_passwords_are_found_in_values_and_secret_env_set_entries_but_interpolations_are_not() -> None:
@@ -373,3 +445,45 @@ def test_a_client_error_that_quotes_the_url_is_masked_everywhere(tmp_path: Path,
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record["status"] == "failed" and f"{MLFLOW_USER}:***@127.0.0.1" in record["error"] + record["traceback"]
     assert_nowhere(output, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_password_in_the_storage_urls_query_is_refused_before_anything_is_written(tmp_path: Path, pg, data_args) -> None:
+    """The form a user tried (issue 33): SQLAlchemy hands ``?password=`` to libpq, which connects with it."""
+    before = studies(pg)
+    query = f"{pg}?password={PG_PASSWORD}"
+    for override in (f'search.storage="{query}"', f"search.storage={query}"):  # quoted, and as Hydra cannot parse
+        rc, output = finish(cli(tmp_path, "-m", "search=optuna", "search.n_trials=2", override, *data_args,
+                                "hydra.sweep.dir=sweep"))  # fmt: skip
+        assert rc == 2, output[-3000:]
+        assert "search.storage" in output and "password=***" in output and "PGPASSWORD" in output, output[-3000:]
+        assert PG_PASSWORD not in output
+    assert list(tmp_path.iterdir()) == [] and studies(pg) == before  # nothing written, never connected
+
+
+@pytest.mark.slow
+def test_a_token_in_the_tracking_uris_query_is_refused_before_anything_is_written(
+    tmp_path: Path, tracking, data_args
+) -> None:
+    requests = tracking.proxy.passed + tracking.proxy.refused
+    uri = f"{tracking.url}/?token={MLFLOW_PASSWORD}"
+    rc, output = finish(cli(tmp_path, "logger=mlflow", f'logger.tracking_uri="{uri}"', *data_args, "hydra.run.dir=run"))
+    assert rc == 2 and "logger.tracking_uri" in output and "token=***" in output, output[-3000:]
+    assert "MLFLOW_TRACKING_TOKEN" in output and MLFLOW_PASSWORD not in output
+    assert list(tmp_path.iterdir()) == [] and tracking.proxy.passed + tracking.proxy.refused == requests
+
+
+@pytest.mark.slow
+def test_a_password_key_in_a_users_experiment_preset_is_refused_before_anything_is_written(
+    tmp_path: Path, data_args
+) -> None:
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text(f"# @package _global_\nhydra:\n  job:\n    env_set:\n      password: {PG_PASSWORD}\n")
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    rc, output = finish(cli(launch, "--config-dir", str(tmp_path / "conf"), "experiment=mine", *data_args,
+                            "hydra.run.dir=run"))  # fmt: skip
+    assert rc == 2 and "hydra.job.env_set.password=***" in output, output[-3000:]
+    assert PG_PASSWORD not in output and list(launch.iterdir()) == []
+    assert files_holding(PG_PASSWORD, launch) == []

@@ -9,3 +9,9 @@ class NormsweepError(Exception):
 
 class ConfigError(NormsweepError, ValueError):
     """A config value that cannot work."""
+
+
+def one_line(error: BaseException) -> str:
+    """``ValueError: the first line of its message``: how a log line, a trial's ``error`` attribute or a
+    worker's summary names an exception."""
+    return f"{type(error).__name__}: {error}".splitlines()[0]

@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator, Optional
 
 from optuna.storages import JournalStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalFileSymlinkLock
-from optuna.storages.journal._storage import JournalOperation
 
+from normsweep.search.internals import journal_operations, study_id, trial_id
 from normsweep.base.errors import NormsweepError
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,9 @@ def _namer(backend: BaseJournalBackend) -> Namer:
     try:
         storage = JournalStorage(backend)
         for study in storage.get_all_studies():
-            names["study", study._study_id] = f"study {study.study_name}"
-            for t in storage.get_all_trials(study._study_id, deepcopy=False):
-                names["trial", t._trial_id] = f"trial {t.number} of study {study.study_name}"
+            names["study", study_id(study)] = f"study {study.study_name}"
+            for t in storage.get_all_trials(study_id(study), deepcopy=False):
+                names["trial", trial_id(t)] = f"trial {t.number} of study {study.study_name}"
     except Exception:  # records that Optuna cannot replay: the ids are all there is to name
         pass
     return lambda kind, id_: names.get((kind, id_), f"{kind}_id {id_}")
@@ -98,7 +98,7 @@ def _describe(data: bytes, name: Namer) -> str:
             return "the first bytes of a record"
         return "bytes that are not a journal record" if data else "an empty line"
     try:
-        kind = JournalOperation(int(op[1])).name.lower()
+        kind = journal_operations()(int(op[1])).name.lower()
     except ValueError:
         kind = f"op_code {int(op[1])}"
     for key in ("trial", "study"):
@@ -309,7 +309,7 @@ def repair(path: Path, say: Callable[[str], None] = print) -> Optional[Path]:
                 raise JournalDamaged(f"the readable records of {path} do not replay through Optuna "
                                      f"({type(e).__name__}: {e}); {path} is left as it was") from e  # fmt: skip
             for study in storage.get_all_studies():
-                studies[study.study_name] = len(storage.get_all_trials(study._study_id, deepcopy=False))
+                studies[study.study_name] = len(storage.get_all_trials(study_id(study), deepcopy=False))
 
         atomic_write(path, write_and_replay)
     finally:

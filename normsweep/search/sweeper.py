@@ -1,7 +1,7 @@
 """normsweep's Hydra sweeper: prepares a search's studies, starts its workers, writes its results.
 
 ``python -m normsweep -m search=optuna [norm=batch,group,layer] [search.workers=N] ...`` (the search
-itself is described in :mod:`normsweep.search.trials`):
+as a whole is told in :mod:`normsweep.search`; this module holds step 1 of it):
 
 1. one Optuna study per grid point, created (or loaded, to resume) in the storage, each new one
    with the current settings as trial 0;
@@ -24,6 +24,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from normsweep.base.errors import one_line
+from normsweep.search.internals import basic_launcher_class, job_error
 from normsweep.config import SearchConfig
 from normsweep.search.trials import (
     SearchError,
@@ -99,7 +101,6 @@ class OptunaSweeper(Sweeper):
 
     def _worker_launcher(self, worker, n: int):
         """The configured launcher, set up to run ``worker`` as its jobs; one that cannot run ``n`` at once is refused."""
-        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
         from hydra.core.plugins import Plugins
 
         from normsweep.base.runtime import launcher_jobs_at_once
@@ -107,7 +108,7 @@ class OptunaSweeper(Sweeper):
         launcher = Plugins.instance().instantiate_launcher(
             hydra_context=self.hydra_context, task_function=worker, config=self.config
         )
-        if n > 1 and isinstance(launcher, BasicLauncher):
+        if n > 1 and isinstance(launcher, basic_launcher_class()):
             raise SearchError(
                 f"search.workers={n} needs a launcher that runs jobs in parallel: hydra/launcher=joblib "
                 f"hydra.launcher.n_jobs={n} (this machine), submitit_local, or submitit_slurm (a cluster); Hydra's "
@@ -137,12 +138,12 @@ class OptunaSweeper(Sweeper):
                 returns = launcher.launch(jobs, initial_job_idx=0)
         except Exception as e:  # a worker killed (joblib's TerminatedWorkerError) or cancelled (submitit)
             log.error("a search worker ended without a result: %s", e)
-            return [f"{type(e).__name__}: {e}".splitlines()[0]]
+            return [one_line(e)]
         errors = []
         for i, ret in enumerate(returns):
             if ret.status == JobStatus.FAILED:
-                err = ret._return_value
-                errors.append(f"worker {i}: {type(err).__name__}: {err}".splitlines()[0])
+                err = job_error(ret)
+                errors.append(f"worker {i}: {one_line(err)}")
                 log.error("search worker %d failed: %s", i, err)
             else:
                 log.info("search worker %d: %s", i, ret.return_value)

@@ -1,36 +1,15 @@
-"""Hyper-parameter search: normsweep's own Hydra sweeper and search workers on current Optuna.
+"""A search's trials: the search space (Hydra sweep syntax to Optuna distributions), study names, the
+pruner, and the trial slots of a shared study (:func:`take_trial` under the cross-worker lock,
+heartbeats, :func:`fail_stale_trials`, :func:`free_slot`: a stopped trial's parameters retried in its
+job directory). The search as a whole, and where each step lives, is told in :mod:`normsweep.search`.
 
-``python -m normsweep -m search=optuna [norm=batch,group,layer] [search.n_trials=30] ...``
-
-* The search space is ``search.params`` (Hydra sweep syntax: ``interval(0.0, 0.2)``,
-  ``tag(log, interval(1e-3, 1.0))``, ``choice(...)``, ``range(...)``); a command-line override
-  whose value is an ``interval(...)`` adds or replaces a dimension.
-* Every other sweep on the command line (``norm=batch,group,layer``) is a grid: one Optuna study
-  per combination, so each normalization gets its own tuned settings.
-* The objective is the final validation accuracy (the split carved from the training set).
-* Storage is any SQLAlchemy URL, or ``journal:PATH`` for Optuna's journal file (see
-  ``normsweep/search/storage.py``); the default is an SQLite file at a stable path, and a study's name
-  is derived from its fixed overrides, so running the same command again resumes:
-  ``search.n_trials`` is the total number of trials of the study.
-* The trials run in ``search.workers`` worker jobs that the sweeper starts through the configured
-  launcher (``normsweep/search/worker.py``): each takes a slot under a lock, runs the trial's job in its
-  own process with pruning, tells the result and takes the next slot, so together they run
-  exactly ``n_trials`` per study. Workers started by hand (the same command in several processes
-  or on several machines, one shared storage) split the trials the same way. Trial jobs go to
-  ``<sweep dir>/<study>/trial_<number>``; workers that share ``hydra.sweep.dir`` write one table.
-* Each job reports validation accuracy per epoch; the pruner stops bad trials (state PRUNED, with
-  the epoch reached). A trial that raises is recorded as FAIL with its error, and the search goes
-  on until more than ``search.max_failure_rate`` of its finished trials have failed.
-* At the end: ``optimization_results.yaml`` / ``.md`` (best parameters, best validation accuracy
-  and that trial's test accuracy per study) and Optuna's plots in ``optuna/<study>/``.
-
-This module holds the search space, the pruners and the trial slots of a shared study; the Hydra
-sweeper is in ``normsweep/search/sweeper.py``, the workers in ``normsweep/search/worker.py``.
-
-A worker stopped by Ctrl-C or SIGTERM marks its running trial FAIL and frees its slot; one killed
-outright stops its heartbeats (:func:`heartbeat`), and the next worker to take a slot marks its
-trial FAIL after ``search.grace_period`` (:func:`fail_stale_trials`), freeing the slot. Either
-way the trial's parameters run again in its job directory, from its checkpoint (:func:`free_slot`).
+* The search space is ``search.params`` (``interval(0.0, 0.2)``, ``tag(log, interval(1e-3, 1.0))``,
+  ``choice(...)``, ``range(...)``); a command-line override whose value is an ``interval(...)`` adds or
+  replaces a dimension. Every other sweep on the command line is a grid: one study per combination.
+* The objective is the final validation accuracy; a study's name is derived from its fixed overrides,
+  so the same command resumes it, ``search.n_trials`` being the study's total.
+* A trial that raises is FAIL with its error; the search goes on until more than
+  ``search.max_failure_rate`` of its finished trials have failed.
 """
 
 from __future__ import annotations
@@ -50,6 +29,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
+from normsweep.search.internals import study_storage, trial_id
 from normsweep.config import NormsweepError, SearchConfig, is_result_neutral
 from normsweep.base.registry import choice
 from normsweep.search.pruners import PRUNERS
@@ -146,6 +126,12 @@ JOB_DIR_ATTR = "job_dir"  # user attr: the trial's job directory, absolute (set 
 EARLIER_JOB_DIRS_ATTR = "earlier_job_dirs"
 
 
+def job_subdir(study: optuna.Study, t: optuna.trial.FrozenTrial | optuna.Trial) -> str:
+    """A trial's job directory under the sweep dir: ``<study>/trial_<number>``, or the one its first attempt
+    used (a retry runs there, resuming that attempt's checkpoint)."""
+    return t.user_attrs.get(JOB_SUBDIR_ATTR) or f"{study.study_name}/trial_{t.number}"
+
+
 def uses_slot(t: optuna.trial.FrozenTrial) -> bool:
     """Whether ``t`` counts toward ``search.n_trials`` (a trial of a dead or stopped worker does not)."""
     return t.state in TAKEN and not t.system_attrs.get(STALE_ATTR)
@@ -162,11 +148,11 @@ def free_slot(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> 
     ``hydra.sweep.dir`` copies the newest checkpoint of the trial's attempts:
     ``worker.carry_checkpoint``). Callers hold the study's slot lock.
     """
-    storage = study._storage
-    storage.set_trial_user_attr(t._trial_id, "error", reason)
-    storage.set_trial_system_attr(t._trial_id, STALE_ATTR, True)
-    storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    subdir = t.user_attrs.get(JOB_SUBDIR_ATTR) or f"{study.study_name}/trial_{t.number}"
+    storage, tid = study_storage(study), trial_id(t)
+    storage.set_trial_user_attr(tid, "error", reason)
+    storage.set_trial_system_attr(tid, STALE_ATTR, True)
+    storage.set_trial_state_values(tid, optuna.trial.TrialState.FAIL)
+    subdir = job_subdir(study, t)
     attrs = {"retry_of": t.number, JOB_SUBDIR_ATTR: subdir}
     earlier = [t.user_attrs[JOB_DIR_ATTR]] if t.user_attrs.get(JOB_DIR_ATTR) else []
     earlier += [d for d in t.user_attrs.get(EARLIER_JOB_DIRS_ATTR, []) if d not in earlier]
@@ -208,7 +194,7 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial, interval: Optional[float
     def beat() -> None:
         while True:
             try:
-                study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
+                study_storage(study).set_trial_system_attr(trial_id(trial), HEARTBEAT_ATTR, time.time())
             except Exception as e:  # the trial was failed as stale, or the storage is unreachable for now
                 log.warning("trial %d: heartbeat not recorded: %s", trial.number, e)
             if stop.wait(interval):

@@ -1,29 +1,18 @@
-"""Search workers: each runs Optuna's loop itself, against the storage all of them share.
+"""A search worker (:class:`SearchWorker`, the task function a launcher runs): Optuna's loop, run by the
+worker itself against the storage all workers share. The search as a whole is told once, in
+:mod:`normsweep.search`; this module holds step 2 of it, a worker's loop:
 
-The sweeper (:mod:`normsweep.search.sweeper`) prepares the studies of a search, then starts
-``search.workers`` worker jobs through whichever Hydra launcher is configured (``basic``: one, in
-its own process; ``joblib``: processes on this machine; ``submitit_local``: processes;
-``submitit_slurm``: the tasks of one array job). Every worker, on its own:
-
-1. takes a trial slot (:func:`normsweep.search.trials.take_trial`: count and ask under the cross-worker
-   lock, so that all workers together run exactly ``search.n_trials`` per study);
-2. runs the trial's job in its own process, as Hydra's basic launcher would (``run_job``, job
-   directory ``<sweep dir>/<study>/trial_<number>``): the job reports each epoch's validation
-   accuracy to the study and stops when the pruner says so, while a thread records heartbeats;
-3. tells the study the outcome and takes the next slot at once: no worker waits for another.
+1. take a trial slot (:func:`normsweep.search.trials.take_trial`);
+2. run the trial's job in its own process, as Hydra's basic launcher would (``run_job``, job
+   directory :func:`~normsweep.search.trials.job_subdir`), reporting each epoch to the pruner while a
+   thread records heartbeats;
+3. tell the study the outcome and take the next slot at once: no worker waits for another.
 
 With a grid (``norm=batch,group,layer``) every worker serves every study, round robin, each worker
-starting at its own study: ``search.workers`` is the parallelism paid for (cores, GPUs, array
-tasks), so no worker idles while any study has a free slot, a study that prunes a lot hands its
-workers to the others, and each study's trials are spread out in time, so TPE proposes each with
-as many finished trials to learn from as the parallelism allows.
-
-A worker stopped by a signal (Ctrl-C, SIGTERM: ``scancel``, preemption, ``scontrol requeue``)
-fails its running trial and frees its slot (:func:`normsweep.search.trials.free_slot`); one killed
-outright leaves it RUNNING until the heartbeat rule fails it. Either way the trial's parameters
-are enqueued again and run in the same job directory, resuming from its checkpoint; a command
-re-run with another ``hydra.sweep.dir`` (the default one is timestamped) resumes it from a copy of
-the newest checkpoint of its attempts (:func:`carry_checkpoint`).
+starting at its own study, so no worker idles while any study has a free slot and each study's trials
+are spread out in time (TPE proposes each with as many finished trials as the parallelism allows). A
+command re-run with another ``hydra.sweep.dir`` resumes a retried trial from a copy of the newest
+checkpoint of its attempts (:func:`carry_checkpoint`).
 """
 
 from __future__ import annotations
@@ -46,14 +35,16 @@ from hydra.core.utils import JobStatus, configure_log, run_job
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from normsweep.base.errors import one_line
+from normsweep.search.internals import job_error, study_storage, trial_id
 from normsweep.run import trial_hook
 from normsweep.config import SearchConfig, register_configs
 from normsweep.base.credentials import recorded_config
 from normsweep.base.results import RESULTS_FILE, TRAINING_STATE_FILE, RunRecord, atomic_write
 from normsweep.run.resume import config_differences
 from normsweep.search.trials import (
-    EARLIER_JOB_DIRS_ATTR, JOB_DIR_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, heartbeat, search_config, take_trial,
-    uses_slot,
+    EARLIER_JOB_DIRS_ATTR, JOB_DIR_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, heartbeat, job_subdir, search_config,
+    take_trial, uses_slot,
 )
 from normsweep.base.signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
 from normsweep.search.storage import open_storage, resolve_storage, storage_file, trial_slot_lock
@@ -289,7 +280,7 @@ class SearchWorker:
 
     def run_trial(self, study: optuna.Study, trial: optuna.Trial, plan: StudyPlan, cfg: SearchConfig, spec: str) -> None:
         """Run ``trial``'s job with pruning and heartbeats, and tell the study its outcome."""
-        subdir = trial.user_attrs.get(JOB_SUBDIR_ATTR) or f"{study.study_name}/trial_{trial.number}"
+        subdir = job_subdir(study, trial)
         trial.set_user_attr(JOB_SUBDIR_ATTR, subdir)
         overrides = [*plan.overrides, *(f"{k}={v}" for k, v in trial.params.items()), f"hydra.sweep.subdir={subdir}"]
         trial_hook.ACTIVE = trial_hook_for(trial)
@@ -307,13 +298,13 @@ class SearchWorker:
                 ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                               job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
         except Exception as e:  # the job could not be composed or started: this trial's own failure
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}".splitlines()[0])
+            trial.set_user_attr("error", one_line(e))
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             log.warning("trial %d failed before its job ran: %s", trial.number, e)
             return
         except BaseException as e:  # Ctrl-C, SIGTERM, SystemExit: the worker stops; the trial is not to blame
             with stopping_uninterrupted(), trial_slot_lock(spec, study.study_name):
-                frozen = study._storage.get_trial(trial._trial_id)
+                frozen = study_storage(study).get_trial(trial_id(trial))
                 if frozen.state == optuna.trial.TrialState.RUNNING:
                     free_slot(study, frozen, f"worker stopped ({stop_reason(e)}) during the trial; "
                                              f"its slot is free and its parameters run again")  # fmt: skip
@@ -322,5 +313,5 @@ class SearchWorker:
             trial_hook.ACTIVE = None
             os.chdir(cwd)
         if ret.status == JobStatus.FAILED:  # the task function raised (run() has recorded why in results.json)
-            log.warning("trial %d: job raised %r", trial.number, ret._return_value)
+            log.warning("trial %d: job raised %r", trial.number, job_error(ret))
         tell_from_job(study, trial, Path(self.launch_dir, ret.working_dir) if ret.working_dir else None)
