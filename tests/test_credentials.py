@@ -136,6 +136,14 @@ def test_a_secret_named_key_is_recorded_as_written_when_interpolated_and_masked_
     assert record["max_tokens"] == "tok-s3cret"  # not a secret's name: resolved, as any other interpolation
 
 
+def test_an_interpolated_query_password_connects_resolved_and_is_recorded_as_written(monkeypatch) -> None:
+    monkeypatch.setenv("MY_PASSWORD", "q-s3cret")
+    written = "postgresql+psycopg://u@db/optuna?password=${oc.env:MY_PASSWORD}"
+    cfg = compose_config(["search=optuna", f'search.storage="{written}"'])
+    assert cfg.search.storage == "postgresql+psycopg://u@db/optuna?password=q-s3cret"  # what the run connects with
+    assert inline_passwords(cfg) == {} and recorded_config(cfg)["search"]["storage"] == written
+
+
 def test_inline_passwords_are_found_in_values_and_secret_env_set_entries_but_interpolations_are_not() -> None:
     cfg = compose_config(["search=optuna", "search.storage=postgresql+psycopg://u:s3cret@db/optuna", "logger=mlflow",
                           "logger.tracking_uri=http://alice:${oc.env:MY_PASSWORD}@h:5000",
