@@ -1,15 +1,15 @@
-"""Statistics in the sweep report: pairwise Welch comparisons, seed counts, flip-TTA columns, 95% CI bars.
+"""Statistics in the sweep report: pairwise Welch comparisons, Hedges' g, the multiple-comparison correction,
+seed counts, flip-TTA columns, 95% CI bars.
 
 Every expected number is computed here from the accuracies written into the runs, by hand
-(Welch's standard error and degrees of freedom, Student's t quantiles, the normal quantiles of
-:mod:`statistics`), not through the report's own ``ttest_ind`` call.
+(Welch's standard error and degrees of freedom, Student's t quantiles, Holm's adjustment, Hedges' g,
+the t-test's power by numerical integration), not through the report's own ``ttest_ind`` call.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,11 @@ from matplotlib.container import ErrorbarContainer
 from scipy import stats
 
 from normsweep.report import plots
-from normsweep.report.tables import ReportCallback, collect, compare_configs, main, seeds_needed, welch, write_report
+from normsweep.report.statistics import seeds_needed, welch
+from normsweep.report.tables import ReportCallback, collect, compare_configs, comparisons_from_csv, main, write_report
 
-from .test_report import write_run
+from .test_report import batch_size_sweep, write_run
+from .test_statistics import power_by_integration
 
 # final test accuracy per seed of each configuration (norm, lr)
 ACC = {
@@ -34,7 +36,7 @@ ACC = {
 
 
 def by_hand(a: list[float], b: list[float]) -> dict:
-    """Welch's test and the seed count, from the textbook formulas."""
+    """Welch's test and Hedges' g from the textbook formulas."""
     n1, n2 = len(a), len(b)
     m1, m2 = sum(a) / n1, sum(b) / n2
     v1 = sum((x - m1) ** 2 for x in a) / (n1 - 1)
@@ -45,10 +47,25 @@ def by_hand(a: list[float], b: list[float]) -> dict:
     half = stats.t.ppf(0.975, dof) * se
     p = 2 * stats.t.sf(abs(diff / se), dof)
     pooled = math.sqrt(((n1 - 1) * v1 + (n2 - 1) * v2) / (n1 + n2 - 2))
-    z = statistics.NormalDist().inv_cdf(0.975) + statistics.NormalDist().inv_cdf(0.8)
-    need = max(2, math.ceil(2 * (z * pooled / diff) ** 2))
+    j = 1 - 3 / (4 * (n1 + n2) - 9)
     return {"mean_a": m1, "mean_b": m2, "diff": diff, "ci_low": diff - half, "ci_high": diff + half, "df": dof,
-            "p_value": p, "seeds_needed": need}  # fmt: skip
+            "p_value": p, "g": j * diff / pooled, "effect": abs(diff) / pooled}  # fmt: skip
+
+
+def is_least_seed_count(n: int, effect: float, alpha: float) -> bool:
+    """Whether n is the least count >= 2 at which a t-test at ``alpha`` has 80% power (by numerical integration)."""
+    enough = power_by_integration(n, effect, alpha) >= 0.8
+    return enough and (n == 2 or power_by_integration(n - 1, effect, alpha) < 0.8)
+
+
+def holm_by_hand(p: list[float]) -> list[float]:
+    """Holm's adjusted p-values: sorted ascending, max over j <= i of (m - j + 1)·p(j), capped at 1."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        out[i] = running
+    return out
 
 
 @pytest.fixture
@@ -79,22 +96,27 @@ def test_pairs_differing_in_one_setting_have_exact_welch_statistics(sweep: Path)
     ]
     sides = [(ACC["batch", 0.2], ACC["group", 0.2]), (ACC["batch", 0.2], ACC["layer", 0.2]),
              (ACC["group", 0.2], ACC["layer", 0.2]), (ACC["batch", 0.2], ACC["batch", 0.1])]  # fmt: skip
-    for row, (a, b) in zip(csv.itertuples(), sides):
+    holm = holm_by_hand([by_hand(a, b)["p_value"] for a, b in sides])
+    for row, (a, b), adjusted in zip(csv.itertuples(), sides, holm):
         want = by_hand(a, b)
         assert (row.n_a, row.n_b) == (len(a), len(b))
-        for key in ("mean_a", "mean_b", "diff", "ci_low", "ci_high", "df", "p_value"):
+        for key in ("mean_a", "mean_b", "diff", "ci_low", "ci_high", "df", "p_value", "g"):
             assert getattr(row, key) == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
         assert row.std_a == pytest.approx(np.std(a, ddof=1)) and row.std_b == pytest.approx(np.std(b, ddof=1))
-        assert int(row.seeds_needed) == want["seeds_needed"]
+        assert row.p_adjusted == pytest.approx(adjusted, rel=1e-9)
+        assert (row.correction, row.family_size) == ("holm", 4)
+        assert row.g_low < row.g < row.g_high
+        assert is_least_seed_count(int(row.seeds_needed), want["effect"], 0.05 / 4)  # corrected: alpha / m, m = 4
 
     batch_group, batch_layer, group_layer, lr = csv.iloc[0], csv.iloc[1], csv.iloc[2], csv.iloc[3]
-    # distinguishable: BN is 4.4 points above GN, the interval excludes 0, p < 0.05, 2 seeds would do
-    assert batch_group["p_value"] < 0.05 and batch_group["ci_low"] > 0
-    assert batch_group["distinguishable"] == "yes" and batch_group["seeds_needed"] == 2
-    # not distinguishable: GN vs LN, 0.23 points apart at a spread of ~0.47: 65 seeds each would resolve it
+    # distinguishable: BN is 4.4 points above GN, the interval excludes 0, p < 0.05 after Holm, 3 seeds would do
+    assert batch_group["p_adjusted"] < 0.05 and batch_group["ci_low"] > 0 and batch_group["g_low"] > 0
+    assert batch_group["distinguishable"] == "yes" and batch_group["seeds_needed"] == 3
+    # not distinguishable: GN vs LN, 0.23 points apart at a spread of ~0.47: 94 seeds each would resolve it at
+    # 0.05/4 (67 at 0.05 uncorrected; the normal approximation used before said 65)
     assert group_layer["p_value"] > 0.05 and group_layer["ci_low"] < 0 < group_layer["ci_high"]
     assert group_layer["distinguishable"] == "no — not distinguishable with n=3 seeds"
-    assert group_layer["seeds_needed"] == 65
+    assert group_layer["seeds_needed"] == 94
     assert lr["distinguishable"] == "no — not distinguishable with n=3/2 seeds"
     assert batch_layer["distinguishable"] == "yes"
 
@@ -105,21 +127,27 @@ def test_markdown_shows_the_table_and_says_which_pairs_were_skipped(sweep: Path)
     assert md.startswith("# Pairwise comparisons of final test accuracy")
     header = [line for line in md.splitlines() if line.startswith("|")][0]
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "setting", "a", "b", "where", "n (a / b)", "a: mean ± std", "b: mean ± std", "a − b [95% CI]", "Welch df",
-        "p (Welch)", "distinguishable at p<0.05", "seeds needed",
+        "setting", "a", "b", "where", "n (a / b)", "a: mean ± std", "b: mean ± std", "a − b [95% CI]",
+        "Hedges' g [95% CI]", "Welch df", "p (Welch)", "p (Holm)", "distinguishable (Holm p<0.05)", "seeds needed",
     ]  # fmt: skip
     rows = md_rows(md)
     assert len(rows) == 4
     w = by_hand(ACC["group", 0.2], ACC["layer", 0.2])
+    csv = pd.read_csv(sweep / "comparisons.csv")
     assert rows[2] == [
         "norm", "group", "layer", "lr=0.2", "3 / 3",
         f"{w['mean_a']:.2f} ± {np.std(ACC['group', 0.2], ddof=1):.2f}",
         f"{w['mean_b']:.2f} ± {np.std(ACC['layer', 0.2], ddof=1):.2f}",
-        f"{w['diff']:+.2f} [{w['ci_low']:+.2f}, {w['ci_high']:+.2f}]", f"{w['df']:.1f}", f"{w['p_value']:.4f}",
-        "no — not distinguishable with n=3 seeds", "65",
+        f"{w['diff']:+.2f} [{w['ci_low']:+.2f}, {w['ci_high']:+.2f}]",
+        f"{w['g']:+.1f} [{csv['g_low'][2]:+.1f}, {csv['g_high'][2]:+.1f}]", f"{w['df']:.1f}", f"{w['p_value']:.4f}",
+        f"{csv['p_adjusted'][2]:.4f}", "no — not distinguishable with n=3 seeds", "94",
     ]  # fmt: skip
-    assert rows[2][7] == "+0.23 [-0.93, +1.39]" and rows[2][9] == "0.5841"  # the same, written out
-    assert rows[0][10] == "yes"
+    # the same, written out; Holm: the lr pair's p = 0.403, third of 4, times 2 is 0.806, which the largest keeps
+    assert rows[2][7] == "+0.23 [-0.93, +1.39]" and rows[2][10] == "0.5841" and rows[2][11] == "0.8063"
+    assert rows[0][12] == "yes"
+    assert "**Corrected for 4 tests**: the family is the whole table" in md
+    assert "2 of 4 pairs are distinguishable after the correction, 2 before it." in md
+    assert "t-test at α/m = 0.05/4" in md
     skipped = md.split("Skipped, fewer than 2 seeds on a side:")[1]
     assert skipped.strip().splitlines() == [
         "- norm=batch (n=3) vs norm=instance (n=1) (lr=0.2)",
@@ -319,3 +347,109 @@ def test_norms_each_with_its_own_recipe_are_compared_as_norms(tmp_path: Path) ->
         res["choices"]["recipe"] = "shared"
         (job / "results.json").write_text(json.dumps(res))
     assert compare_configs(collect([s])) is None or not len(compare_configs(collect([s])).table)
+
+
+# --- the multiple-comparison correction, the callback's setting, --from-csv --------------------------------
+
+
+def close_pair_sweep(s: Path) -> None:
+    """Four norms, 3 seeds each: batch and group 0.8 points apart (p = 0.031 alone), layer and instance level
+    (p = 0.87), the other pairs about 10 points apart."""
+    accs = {"batch": [80.4, 81.0, 80.7], "group": [79.6, 80.2, 79.9], "layer": [70.0, 71.5, 69.5],
+            "instance": [70.3, 69.4, 70.9]}  # fmt: skip
+    for norm, values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(s / f"{norm}{seed}", norm, seed, test=acc, val=acc)
+
+
+def test_a_pair_that_passes_only_before_holm_says_so_and_fdr_or_none_are_chosen_on_the_command_line(
+    tmp_path: Path, capsys
+) -> None:
+    s = tmp_path / "s"
+    close_pair_sweep(s)
+    assert main([str(s), "--no-plots"]) == 0  # holm, the default
+    holm = pd.read_csv(s / "comparisons.csv").set_index(["a", "b"])
+    close = holm.loc["batch", "group"]
+    raw = close["p_value"]
+    # Holm: the second largest of 6 p-values is multiplied by 2
+    assert raw == pytest.approx(0.0309, abs=1e-4) and close["p_adjusted"] == pytest.approx(2 * raw)
+    assert close["family_size"] == 6
+    assert close["distinguishable"] == "no — not distinguishable with n=3 seeds (p<0.05 before the Holm correction)"
+    assert holm.loc[("layer", "instance"), "distinguishable"] == "no — not distinguishable with n=3 seeds"
+    assert holm.drop([("batch", "group"), ("layer", "instance")])["distinguishable"].eq("yes").all()
+    assert "(p adjusted with Holm for the table's 6 tests)" in capsys.readouterr().out
+
+    assert main([str(s), "--no-plots", "--correction", "fdr"]) == 0
+    fdr = pd.read_csv(s / "comparisons.csv").set_index(["a", "b"])
+    assert fdr["correction"].eq("fdr").all()
+    assert fdr.loc[("batch", "group"), "p_adjusted"] == pytest.approx(raw * 6 / 5)  # BH: rank 5 of 6, p·6/5
+    assert fdr.loc[("batch", "group"), "distinguishable"] == "yes"  # the false discovery rate lets it pass
+    md = (s / "comparisons.md").read_text()
+    assert "distinguishable (Benjamini–Hochberg p<0.05)" in md and "p (Benjamini–Hochberg)" in md
+
+    assert main([str(s), "--no-plots", "--correction", "none"]) == 0
+    none = pd.read_csv(s / "comparisons.csv").set_index(["a", "b"])
+    assert (none["p_adjusted"] == none["p_value"]).all() and none.loc[("batch", "group"), "distinguishable"] == "yes"
+    md = (s / "comparisons.md").read_text()
+    assert "**No multiple-comparison correction**" in md and "p (none)" not in md
+    assert "distinguishable at p<0.05 (no correction)" in md and "t-test at α = 0.05" in md
+    with pytest.raises(SystemExit):
+        main([str(s), "--correction", "bonferroni"])
+
+
+def test_the_callback_takes_its_correction_from_conf_train_yaml(tmp_path: Path, caplog, monkeypatch) -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from .conftest import REPO
+
+    monkeypatch.setattr(plots, "write_plots", lambda *args: [])  # the tables are the point here
+    node = OmegaConf.load(REPO / "conf" / "train.yaml").hydra.callbacks.report
+    assert node.correction == "holm"
+    s = tmp_path / "s"
+    close_pair_sweep(s)
+    sweep = OmegaConf.create({"hydra": {"sweep": {"dir": str(s)}}})
+    for correction in ("holm", "fdr"):  # hydra.callbacks.report.correction=fdr on the command line
+        callback = instantiate(OmegaConf.merge(node, {"correction": correction}))
+        assert isinstance(callback, ReportCallback)
+        with caplog.at_level("INFO", logger="normsweep.report.tables"):
+            callback.on_multirun_end(sweep)
+        assert pd.read_csv(s / "comparisons.csv")["correction"].eq(correction).all()
+    assert "(p adjusted with Benjamini–Hochberg for the table's 6 tests)" in caplog.text
+    with pytest.raises(ValueError, match="correction='bh': choose one of holm, fdr, none"):
+        ReportCallback(correction="bh")
+
+
+def test_comparisons_from_a_results_csv_are_the_report_s_own(sweep: Path, tmp_path: Path, capsys) -> None:
+    write_report([sweep], plots=False)
+    comparisons_from_csv(sweep / "results.csv", tmp_path / "again")
+    written = pd.read_csv(sweep / "comparisons.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "comparisons.csv"), written)
+    md = (tmp_path / "again" / "comparisons.md").read_text()
+    assert f"From `{(sweep / 'results.csv').as_posix()}`" in md
+    assert md.split("\n\n", 2)[2] == (sweep / "comparisons.md").read_text().split("\n\n", 1)[1]  # same below
+    assert main(["--from-csv", str(sweep / "results.csv"), "--out", str(tmp_path / "cli"), "--correction", "fdr"]) == 0
+    assert pd.read_csv(tmp_path / "cli" / "comparisons.csv")["correction"].eq("fdr").all()
+    assert not (tmp_path / "cli" / "results.md").exists()  # only the comparisons
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    assert main(["--from-csv", str(tmp_path / "other.csv")]) == 2
+    assert "is not a results.csv of normsweep.report: no column final_test_acc, job, status" in capsys.readouterr().err
+    for argv in ([], [str(sweep), "--from-csv", str(sweep / "results.csv")]):
+        with pytest.raises(SystemExit):
+            main(argv)
+
+
+def test_norms_with_their_own_recipes_are_compared_at_the_same_batch_size_only(tmp_path: Path) -> None:
+    s = tmp_path / "sweep"
+    batch_size_sweep(s, lambda norm, batch, seed: 70.0 + len(norm) + batch / 100 + seed * 0.3)
+    for job in s.iterdir():  # each norm with its own recipe, as `experiment=batch_size` runs them
+        res = json.loads((job / "results.json").read_text())
+        res["choices"]["recipe"] = res["norm"]
+        (job / "results.json").write_text(json.dumps(res))
+    table = compare_configs(collect([s])).table
+    norms, sizes = table[table["setting"] == "norm"], table[table["setting"] == "batch_size"]
+    # 3 norms x 4 batch sizes: 3 norm pairs at each size, 6 size pairs per norm; no BN at 2 against GN at 256
+    assert (len(norms), len(sizes), len(table)) == (12, 18, 30)
+    assert norms["where"].str.contains(r"batch_size=\d+; each norm with its own recipe").all()
+    assert not table["where"].str.contains("batch_size)", regex=False).any()
+    assert table["family_size"].eq(30).all()

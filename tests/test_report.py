@@ -24,8 +24,17 @@ def config(norm: str, seed: int, lr: float = 0.2) -> dict:
     }
 
 
-def write_run(job: Path, norm: str, seed: int, test: float, val: float, status: str = "completed", error=None,
-              lr: float = 0.2, **fields) -> None:
+def write_run(
+    job: Path,
+    norm: str,
+    seed: int,
+    test: float,
+    val: float,
+    status: str = "completed",
+    error=None,
+    lr: float = 0.2,
+    **fields,
+) -> None:
     """A job directory with a results.json; ``fields`` are added to (or replace) the record's own."""
     job.mkdir(parents=True)
     history = [
@@ -83,11 +92,39 @@ def test_csv_and_markdown_are_written_with_exact_values(sweep: Path) -> None:
     assert csv["final_test_acc"].tolist()[:4] == [82.0, 80.0, 78.0, 75.0]
     assert csv["status"].tolist() == ["completed"] * 4 + ["failed", "unfinished"]
     md = (sweep / "results.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("|")][2:]  # after header and rule
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    header, rows = cells(lines[0]), [cells(line) for line in lines[2:]]  # after header and rule
     assert len(rows) == 6
-    assert "| 1_norm=batch,trainer.seed=1 | batch" in rows[0] and "82.00" in rows[0]
-    assert "failed" in rows[4] and "NonFiniteLossError" in rows[4]
+    assert header[:2] == ["run", "norm"] and "job" not in header and "path" not in header
+    assert rows[0][:2] == ["1", "batch"] and "82.00" in rows[0]  # the job number, not its directory's name
+    assert "failed" in rows[4] and "NonFiniteLossError" in rows[4][-1]
     assert "lr=0.2" in md  # settings shared by every run are stated once above the table
+    assert "trainer.seed=" not in md  # no job directory names
+    assert csv["run"].tolist()[:2] == [1, 0] and csv["job"][0] == "1_norm=batch,trainer.seed=1"  # the CSV has both
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_run_ids_are_short_and_unique_across_merged_sweeps(tmp_path: Path) -> None:
+    for sweep, seed in (("seed0", 0), ("seed1", 1)):  # two sweeps, each with its jobs 0 and 1
+        for i, norm in enumerate(("batch", "group")):
+            job = tmp_path / sweep / f"{i}_data.val_size=2000,experiment=batch_size,norm={norm},trainer.seed={seed}"
+            write_run(job, norm, seed, test=80.0 - i + seed, val=80.0)
+            res = json.loads((job / "results.json").read_text())
+            res["overrides"] += ["data.val_size=2000", "experiment=batch_size"]
+            (job / "results.json").write_text(json.dumps(res))
+    write_report([tmp_path / "seed0", tmp_path / "seed1"], tmp_path / "merged", plots=False)
+    csv = pd.read_csv(tmp_path / "merged" / "results.csv")
+    assert csv["run"].tolist() == ["seed1/0", "seed0/0", "seed1/1", "seed0/1"]  # best test accuracy first
+    assert csv["job"][0].startswith("0_data.val_size=2000,experiment=batch_size")
+    md = (tmp_path / "merged" / "results.md").read_text()
+    assert "experiment=batch_size" in md.splitlines()[2] and "data.val_size=2000" in md.splitlines()[2]
+    header = cells(next(line for line in md.splitlines() if line.startswith("|")))
+    assert header[:3] == ["run", "norm", "seed"] and "experiment" not in header  # the same in every run: above
+    write_report([tmp_path / "seed0"], plots=False)  # one sweep: the job number alone
+    assert pd.read_csv(tmp_path / "seed0" / "results.csv")["run"].tolist() == [0, 1]
 
 
 def test_runs_differing_only_by_seed_are_grouped_with_mean_std_and_n(sweep: Path) -> None:
@@ -101,6 +138,7 @@ def test_runs_differing_only_by_seed_are_grouped_with_mean_std_and_n(sweep: Path
     assert batch["n"] == 2 and layer["n"] == 2
     md = (sweep / "results_by_config.md").read_text()
     assert "81.00 ± 1.41" in md and "76.50 ± 2.12" in md
+    assert cells(next(line for line in md.splitlines() if line.startswith("|")))[:2] == ["norm", "n"]  # n, if equal
 
 
 def test_no_grouped_table_without_repeated_seeds(tmp_path: Path) -> None:
@@ -140,7 +178,9 @@ def test_curves_and_bars_are_drawn(sweep: Path) -> None:
 def test_a_report_run_again_redraws_only_the_runs_whose_files_changed(sweep: Path, monkeypatch) -> None:
     from normsweep.report import plots
 
-    monkeypatch.setattr(plots, "_load_test_images", lambda *a: (np.zeros((20, 32, 32, 3), np.uint8), tuple("abcdefghij")))
+    monkeypatch.setattr(
+        plots, "_load_test_images", lambda *a: (np.zeros((20, 32, 32, 3), np.uint8), tuple("abcdefghij"))
+    )
     drawn: list[str] = []
     save = plots._save
     monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: (drawn.append(path.relative_to(sweep / "plots").as_posix()),
@@ -149,7 +189,9 @@ def test_a_report_run_again_redraws_only_the_runs_whose_files_changed(sweep: Pat
     for f in sweep.glob("*/*"):  # runs that finished a while ago
         os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 10**9))
     write_report([sweep])
-    completed = sorted(p.parent.name for p in sweep.glob("*/results.json") if json.loads(p.read_text())["status"] == "completed")
+    completed = sorted(
+        p.parent.name for p in sweep.glob("*/results.json") if json.loads(p.read_text())["status"] == "completed"
+    )
     assert per_run() == sorted(f"{j}/{f}" for j in completed for f in ("confusion.png", "mispredicted.png"))
 
     drawn.clear()
@@ -192,10 +234,9 @@ def test_settings_keep_their_precision_and_metrics_get_two_decimals(tmp_path: Pa
         res["config"]["optimizer"]["weight_decay"] = wd
         (s / f"{i}_wd" / "results.json").write_text(json.dumps(res))
     write_report([s], plots=False)
-    rows = [line for line in (s / "results.md").read_text().splitlines() if line.startswith("| ") and "_wd" in line]
-    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
-    assert sorted(c[2] for c in cells) == ["0.0005", "0.001"]  # not 0.00 for both
-    assert all("81.23" in c for c in cells)
+    rows = [cells(line) for line in (s / "results.md").read_text().splitlines() if line.startswith("|")][2:]
+    assert sorted(c[2] for c in rows) == ["0.0005", "0.001"]  # not 0.00 for both
+    assert all("81.23" in c for c in rows)
 
 
 def _drawn_labels(monkeypatch) -> dict[str, list[str]]:

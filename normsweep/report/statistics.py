@@ -113,29 +113,54 @@ def adjust_p_values(p_values, correction: str = DEFAULT_CORRECTION) -> np.ndarra
 def per_test_alpha(family_size: int, correction: str = DEFAULT_CORRECTION, alpha: float = ALPHA) -> float:
     """The level one pair's raw p-value must reach to be distinguishable whatever the others' p-values: α/m.
 
-    With Holm and with Benjamini–Hochberg a p-value below α/m (m tests in the family) is always rejected: Holm
-    rejects the smallest p-value at α/m and every smaller one goes first; Benjamini–Hochberg's threshold at
-    rank k is k·α/m ≥ α/m. It is the exact level for Holm's first step and conservative for the others; it
-    keeps the seed count independent of the other pairs' results. Without a correction: α.
+    With Holm and with Benjamini–Hochberg a p-value below α/m (m tests in the family) always passes. Holm: every
+    p-value at or below it is below α/m too, so each passes its step (the k-th smallest is tested at
+    α/(m − k + 1) ≥ α/m) and the procedure reaches it. Benjamini–Hochberg: its threshold at rank k is
+    k·α/m ≥ α/m. α/m is Holm's level for the smallest p-value and conservative for the rest; it keeps the
+    seed count (:func:`seeds_needed`) independent of the other pairs' results. Without a correction: α.
     """
     if _method(correction) is None or family_size <= 1:
         return alpha
     return alpha / family_size
 
 
-def seeds_needed(diff: float, std: float, alpha: float = ALPHA, power: float = POWER) -> float:
-    """Seeds per configuration for a two-sided test at ``alpha`` to detect ``diff`` with ``power``.
+def t_test_power(n: int, effect: float, alpha: float = ALPHA) -> float:
+    """Power of a two-sided two-sample t-test with ``n`` seeds a side at level ``alpha`` against a true difference
+    of ``effect`` pooled standard deviations: P(|T| > t_{1−α/2, 2n−2}) with T noncentral t, 2n − 2 degrees of
+    freedom, noncentrality effect·sqrt(n/2). The lower tail P(T < −c) is taken as P(T' > c) with the
+    noncentrality negated (scipy's ``nct.cdf`` far in the lower tail returns NaN for a large noncentrality)."""
+    from scipy import stats
 
-    Normal approximation for two equal groups with standard deviation ``std``:
-    n = 2 · ((z_{1-alpha/2} + z_power) · std / diff)², rounded up, at least 2; inf when diff is 0.
+    dof, ncp = 2 * n - 2, effect * math.sqrt(n / 2)
+    crit = stats.t.isf(alpha / 2, dof)
+    upper, lower = stats.nct.sf(crit, dof, ncp), stats.nct.sf(crit, dof, -ncp)
+    return float(np.nan_to_num(upper) + np.nan_to_num(lower))
+
+
+def seeds_needed(diff: float, std: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Seeds per configuration for a two-sided t-test at ``alpha`` to detect ``diff`` with ``power``.
+
+    The smallest n (at least 2) whose :func:`t_test_power` at effect |diff|/std reaches ``power``: the t-test of
+    two equal groups with standard deviation ``std``. The search starts at the normal approximation
+    n = 2·((z_{1−α/2} + z_power)·std/diff)², which a t-test with few seeds needs more than, and far more at the
+    small levels of a corrected test (α/m). inf when diff is 0; 2 when std is 0.
     The report passes :func:`per_test_alpha` as ``alpha``, so that the count is the one the corrected test needs.
     """
     from scipy.stats import norm
 
     if diff == 0 or not math.isfinite(diff) or not math.isfinite(std):
         return math.inf
-    z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
-    return max(2, math.ceil(2 * (z * std / abs(diff)) ** 2))
+    if std == 0:
+        return 2
+    effect = abs(diff) / std
+    n = max(2, math.ceil(2 * ((norm.ppf(1 - alpha / 2) + norm.ppf(power)) / effect) ** 2))
+    while n > 2 and t_test_power(n - 1, effect, alpha) >= power:
+        n -= 1
+    for _ in range(10_000):  # from the normal approximation, a few steps; the bound only guards against a NaN
+        if t_test_power(n, effect, alpha) >= power:
+            break
+        n += 1
+    return n
 
 
 def correction_name(correction: str) -> str:

@@ -448,16 +448,30 @@ def _correction_paragraph(c: Comparisons) -> str:
                 f"judged on its own at p < {ALPHA:g}, and about one in twenty pairs that do not differ passes by "
                 f"chance; {before} of {m} pass.")  # fmt: skip
     name = correction_name(c.correction)
-    return (f"**Corrected for {m} tests**: the family is the whole table, every compared pair of this report "
-            f"(pairs with no test not counted). p ({name}) is Welch's p adjusted with "
-            f"{CORRECTION_TEXT[c.correction]}, through statsmodels' `multipletests`; *distinguishable* is decided "
-            f"on it. {after} of {m} pairs are distinguishable after the correction, {before} before it.")
+    return (
+        f"**Corrected for {m} tests**: the family is the whole table, every compared pair of this report "
+        f"(pairs with no test not counted). p ({name}) is Welch's p adjusted with "
+        f"{CORRECTION_TEXT[c.correction]}, through statsmodels' `multipletests`; *distinguishable* is decided "
+        f"on it. {after} of {m} pairs are distinguishable after the correction, {before} before it."
+    )
+
+
+def _seeds_paragraph(c: Comparisons) -> str:
+    """How the seeds needed were counted, at the level the corrected test needs (:func:`per_test_alpha`)."""
+    corrected = per_test_alpha(c.family_size, c.correction) < ALPHA
+    level = f"α/m = {ALPHA:g}/{c.family_size}" if corrected else f"α = {ALPHA:g}"
+    text = (f"*Seeds needed*: seeds per configuration for a two-sided t-test at {level} to detect the observed "
+            f"difference d with {POWER:.0%} power at the observed pooled spread s (the power of the t-test with "
+            f"2n − 2 degrees of freedom and noncentrality (d/s)·√(n/2), from the noncentral t distribution), at "
+            f"least 2; — when d = 0.")  # fmt: skip
+    if corrected:
+        text += " A p-value below α/m passes the correction whatever the other pairs' p-values show."
+    return text
 
 
 def comparisons_markdown(c: Comparisons, source: str | None = None) -> str:
     """The comparisons page: what each column means, the correction, the table and the skipped pairs."""
     name = METRIC_NAMES.get(c.metric, c.metric.replace("_", " "))
-    level = "α/m, m the tests in the family" if c.correction != "none" else "α"
     lines = [f"# Pairwise comparisons of {name}", ""]
     if source:
         lines += [source, ""]
@@ -468,11 +482,7 @@ def comparisons_markdown(c: Comparisons, source: str | None = None) -> str:
         f"of freedom); Hedges' g is the same difference in units of the pooled seed-to-seed standard deviation "
         f"(small-sample corrected) with its approximate 95% interval (Borenstein et al. 2009, normal approximation); "
         f"p (Welch) is Welch's two-sided t-test (unequal variances, `scipy.stats.ttest_ind(equal_var=False)`).", "",
-        _correction_paragraph(c), "",
-        f"*Seeds needed*: seeds per configuration for a two-sided test at {level} to detect the observed "
-        f"difference with {POWER:.0%} power at the observed spread (pooled std s, difference d): "
-        f"n = 2·((z₁₋α/₂ + z_power)·s/d)², normal approximation, rounded up, at least 2; — when d = 0. A p-value "
-        f"below α/m passes the correction whatever the other pairs' p-values.", "",
+        _correction_paragraph(c), "", _seeds_paragraph(c), "",
     ]  # fmt: skip
     if len(c.table):
         lines.append(comparisons_view(c).to_markdown(index=False, disable_numparse=True))  # cells exactly as formatted
@@ -497,9 +507,10 @@ def comparisons_text(c: Comparisons) -> str:
 
 
 def _setting_columns(df: pd.DataFrame) -> list[str]:
-    """The settings in ``df``: the fixed columns and the swept keys they do not cover (``data.val_size``, ...)."""
+    """The settings in ``df``: the fixed columns and the swept keys they do not cover (``data.val_size``, ...);
+    not the grouped table's count of runs, ``n``."""
     fixed = [c for c, _ in SETTINGS if c in df]
-    return fixed + [c for c in df.columns if c not in {*fixed, *RUN_COLUMNS, *METRICS} and _is_setting(c)]
+    return fixed + [c for c in df.columns if c not in {*fixed, *RUN_COLUMNS, *METRICS, "n"} and _is_setting(c)]
 
 
 def _compact(df: pd.DataFrame) -> pd.DataFrame:
@@ -550,7 +561,13 @@ def mean_std_markdown(table: pd.DataFrame) -> pd.DataFrame:
 def write_report(sweep_dirs: list[str | Path], out_dir: str | Path | None = None, plots: bool = True,
                  correction: str = DEFAULT_CORRECTION) -> pd.DataFrame:  # fmt: skip
     """Write the tables (and plots) for ``sweep_dirs`` into ``out_dir`` (default: the first sweep dir);
-    ``correction`` adjusts the comparisons' p-values (:func:`compare_configs`)."""
+    ``correction`` adjusts the comparisons' p-values (:func:`compare_configs`). Returns the runs table."""
+    return _report(sweep_dirs, out_dir, plots, correction)[0]
+
+
+def _report(sweep_dirs: list[str | Path], out_dir: str | Path | None, plots: bool,
+            correction: str) -> tuple[pd.DataFrame, Comparisons | None]:  # fmt: skip
+    """:func:`write_report`, returning the comparisons it wrote too (None when there were none)."""
     correction_name(correction)  # an unknown correction fails before any work
     df = collect(sweep_dirs)
     out = Path(out_dir) if out_dir else Path(sweep_dirs[0])
@@ -558,11 +575,12 @@ def write_report(sweep_dirs: list[str | Path], out_dir: str | Path | None = None
     with FileLock(out / REPORT_LOCK_FILE):  # one writer of the report at a time (workers of one sweep)
         remove_stray_temp_files(out)  # a report killed mid-write: its files are intact, its temp files stale
         remove_stray_temp_files(out / "plots", recursive=True)
-        _write_report(df, sweep_dirs, out, plots, correction)
-    return df
+        comparisons = _write_report(df, sweep_dirs, out, plots, correction)
+    return df, comparisons
 
 
-def _write_report(df: pd.DataFrame, sweep_dirs: list[str | Path], out: Path, plots: bool, correction: str) -> None:
+def _write_report(df: pd.DataFrame, sweep_dirs: list[str | Path], out: Path, plots: bool,
+                  correction: str) -> Comparisons | None:  # fmt: skip
     write_text(out / "results.csv", df.to_csv(index=False))
     compact = _compact(df).drop(columns=["job", "path"])  # the short run id stays; the CSV has the job directory
     if not compact["error"].astype(bool).any():
@@ -570,11 +588,13 @@ def _write_report(df: pd.DataFrame, sweep_dirs: list[str | Path], out: Path, plo
     compact = compact.drop(columns=[m for m in TTA_ACCURACIES if m not in _tta_present(df)])
     write_text(out / "results.md", to_markdown(compact, "Runs, best test accuracy first", _fixed_settings(df)))
     by_config = group_by_config(df)
+    comparisons = None
     if by_config is not None:
         write_text(out / "results_by_config.csv", by_config.to_csv(index=False))
         shown = _compact(mean_std_markdown(by_config))
         write_text(out / "results_by_config.md", to_markdown(shown, "Mean ± std over seeds"))
-        write_comparisons(compare_configs(df, correction=correction), out)
+        comparisons = compare_configs(df, correction=correction)
+        write_comparisons(comparisons, out)
     if plots:
         from normsweep.report.plots import write_plots
 
@@ -582,6 +602,7 @@ def _write_report(df: pd.DataFrame, sweep_dirs: list[str | Path], out: Path, plo
             write_plots(df, [Path(d) for d in sweep_dirs], out / "plots")
         except Exception as e:  # a figure that cannot be drawn must not cost the tables
             log.warning("plots not written: %s: %s", type(e).__name__, e)
+    return comparisons
 
 
 def write_comparisons(comparisons: Comparisons | None, out: Path, source: str | None = None) -> None:
@@ -612,8 +633,8 @@ def comparisons_from_csv(csv: str | Path, out: str | Path, correction: str = DEF
     """Write comparisons.csv/.md into ``out`` from a results.csv alone (the runs need not exist any more)."""
     comparisons = compare_configs(read_results_csv(csv), correction=correction)
     Path(out).mkdir(parents=True, exist_ok=True)
-    source = (f"From `{Path(csv).as_posix()}` (`python -m normsweep.report --from-csv {Path(csv).as_posix()} "
-              f"--correction {correction}`).")  # fmt: skip
+    source = (f"From `{Path(csv).as_posix()}`, the runs' table: `python -m normsweep.report --from-csv "
+              f"{Path(csv).as_posix()} --correction {correction}`.")  # fmt: skip
     write_comparisons(comparisons, Path(out), source)
     return comparisons
 
@@ -641,12 +662,11 @@ class ReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            df = write_report([sweep_dir], correction=self.correction)
+            df, comparisons = _report([sweep_dir], None, True, self.correction)
         except Exception as e:  # never let the report hide the sweep's own outcome
             log.error("could not write the sweep report for %s: %s", sweep_dir, e)
             return
         log.info("sweep report: %s/results.md\n%s", sweep_dir, print_table(df))
-        comparisons = compare_configs(df, correction=self.correction)
         if comparisons is not None:
             log.info("pairwise comparisons (%s/comparisons.md):\n%s", sweep_dir, comparisons_text(comparisons))
         # A pruned trial is the search working; a running one belongs to another worker of a shared sweep.
@@ -671,12 +691,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="where to write the report (default: the first sweep directory, or the "
                                       "folder of --from-csv)")  # fmt: skip
     parser.add_argument("--no-plots", action="store_true", help="write only the tables")
-    parser.add_argument("--correction", choices=list(CORRECTIONS), default=DEFAULT_CORRECTION,
-                        help="multiple-comparison correction of the comparisons' p-values, the whole table one "
-                             "family: holm (family-wise error rate, the default), fdr (Benjamini-Hochberg) or none")
-    parser.add_argument("--from-csv", metavar="RESULTS_CSV",
-                        help="write only comparisons.csv/.md, from a results.csv an earlier report wrote")
-    return parser  # fmt: skip
+    parser.add_argument(
+        "--correction",
+        choices=list(CORRECTIONS),
+        default=DEFAULT_CORRECTION,
+        help="multiple-comparison correction of the comparisons' p-values, the whole table one "
+        "family: holm (family-wise error rate, the default), fdr (Benjamini-Hochberg) or none",
+    )
+    parser.add_argument(
+        "--from-csv",
+        metavar="RESULTS_CSV",
+        help="write only comparisons.csv/.md, from a results.csv an earlier report wrote",
+    )
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -691,9 +718,8 @@ def main(argv: list[str] | None = None) -> int:
             comparisons = comparisons_from_csv(args.from_csv, out, args.correction)
         else:
             out = Path(args.out or args.sweep_dirs[0])
-            df = write_report(args.sweep_dirs, out, plots=not args.no_plots, correction=args.correction)
+            df, comparisons = _report(args.sweep_dirs, out, not args.no_plots, args.correction)
             print(print_table(df))
-            comparisons = compare_configs(df, correction=args.correction)
     except ReportError as e:
         print(f"normsweep.report.tables: {e}", file=sys.stderr)
         return 2
