@@ -19,8 +19,10 @@ from matplotlib.container import ErrorbarContainer
 from scipy import stats
 
 from normsweep.report import plots
+from normsweep.report.comparisons import compare_configs, comparisons_from_csv
+from normsweep.report.runs import collect
 from normsweep.report.statistics import seeds_needed, welch
-from normsweep.report.tables import ReportCallback, collect, compare_configs, comparisons_from_csv, main, write_report
+from normsweep.report.tables import ReportCallback, main, write_report
 
 from .test_report import batch_size_sweep, write_run
 from .test_statistics import power_by_integration

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from normsweep.report.tables import ReportError, collect, main, write_report
+from normsweep.report.runs import ReportError, collect
+from normsweep.report.tables import main, write_report
 
 
 def config(norm: str, seed: int, lr: float = 0.2) -> dict:

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from scipy import integrate, stats
 
+from normsweep.report.comparisons import compare_configs
 from normsweep.report.statistics import (
     ALPHA,
     adjust_p_values,
@@ -28,7 +29,6 @@ from normsweep.report.statistics import (
     t_test_power,
     welch,
 )
-from normsweep.report.tables import compare_configs
 
 
 @pytest.fixture

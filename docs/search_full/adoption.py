@@ -6,7 +6,7 @@ CANDIDATE and each RECIPE are a sweep directory (`python -m normsweep -m ... tra
 or a results.csv written by `python -m normsweep.report` (e.g. docs/tuned_3seeds_results.csv, the
 recipes' published runs); `--norm` keeps that norm's completed runs of each. Per side: the seeds,
 mean ± std of the final validation accuracy (the search's objective and the adoption rule's), the
-final test accuracy and the flip-TTA test accuracy; per recipe, Welch's comparison (normsweep.report.tables's
+final test accuracy and the flip-TTA test accuracy; per recipe, Welch's comparison (normsweep.report.statistics's
 `welch`) of candidate − recipe. The rule (issue 19): adopt only if the candidate's validation mean
 beats the recipe's. A recipe given twice (e.g. as published and re-run under the candidate's
 conditions) is compared separately, so a difference in precision or machine shows as such.
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from normsweep.report.tables import collect, welch
 from normsweep.base.results import write_text
+from normsweep.report.runs import collect
+from normsweep.report.statistics import welch
 
 METRICS = {"final_val_acc": "final val", "final_test_acc": "final test", "final_test_acc_tta": "test, flip TTA"}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import optuna
 from scipy.stats import spearmanr
 
-from normsweep.report.tables import find_jobs
 from normsweep.base.results import RunRecord
+from normsweep.report.runs import find_jobs
 from normsweep.search.storage import open_storage, resolve_storage
 
 Curve = dict[int, float]  # epoch -> validation accuracy; the last epoch's is the final one

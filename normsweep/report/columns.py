@@ -1,7 +1,8 @@
 """The settings a sweep's runs are compared by: the columns the report's tables and the plots' labels share.
 
-Plain data and pandas only: :mod:`normsweep.report.tables` and :mod:`normsweep.report.plots` both read it, and
-neither imports the other for it (report -> plots is the one direction between them).
+Plain data and pandas only: :mod:`normsweep.report.runs`, :mod:`normsweep.report.tables` and
+:mod:`normsweep.report.plots` read it, and none imports another for it (tables -> plots is the one direction
+between the tables and the plots).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The statistics of the report's pairwise comparisons: Welch's test, Hedges' g, the multiple-comparison
 correction and the seeds a difference needs.
 
-Plain numpy, scipy and statsmodels, no pandas tables: :mod:`normsweep.report.tables` builds the comparisons
-table from these functions.
+Plain numpy, scipy and statsmodels, no pandas tables: :mod:`normsweep.report.comparisons` builds the
+comparisons table from these functions.
 
 One comparison at a time (:func:`welch`, :func:`hedges_g`) is exact for that pair. A report holds many such
 tests at once, and at p < 0.05 about one in twenty of the pairs that do not differ passes by chance; so the
