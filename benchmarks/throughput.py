@@ -109,7 +109,7 @@ def _normsweep_batches(raw, device, augment_cfg, channels_last: bool):
     gen = torch.Generator(device=device).manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     while True:
-        yield from batches(x_all, y_all, BATCH, augment_cfg, gen, fmt)
+        yield from batches(x_all, y_all, BATCH, augment_cfg, gen, fmt, info=raw.info)
 
 
 def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, device_name: str,

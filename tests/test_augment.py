@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normsweep.run.augment import _from_hue, _hue, augment_batch, normalize, random_crop, random_flip, shift_hue
 from normsweep.config import AugmentConfig
+from normsweep.run.augment import _from_hue, _hue, augment_batch, normalize, random_crop, random_flip, shift_hue
 
 SEED = AugmentConfig(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1, flip_p=0.3, rotate_deg=10.0)
 CROP_FLIP = AugmentConfig(crop_padding=4, flip_p=0.5)
@@ -104,6 +104,6 @@ def test_normalize_standardizes_with_cifar_statistics() -> None:
     from normsweep.data import MEAN, STD
 
     x = torch.tensor(MEAN).view(1, 3, 1, 1).expand(2, 3, 4, 4)
-    assert torch.allclose(normalize(x), torch.zeros(2, 3, 4, 4), atol=1e-6)
+    assert torch.allclose(normalize(x, MEAN, STD), torch.zeros(2, 3, 4, 4), atol=1e-6)
     x = (torch.tensor(MEAN) + torch.tensor(STD)).view(1, 3, 1, 1).expand(2, 3, 4, 4)
-    assert torch.allclose(normalize(x), torch.ones(2, 3, 4, 4), atol=1e-6)
+    assert torch.allclose(normalize(x, MEAN, STD), torch.ones(2, 3, 4, 4), atol=1e-6)

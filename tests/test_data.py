@@ -1,4 +1,5 @@
-"""Reading both CIFAR-10 layouts, caching, splitting, and the errors for bad data roots."""
+"""Reading both CIFAR-10 layouts, caching, splitting, and the errors for bad data roots (the other sources:
+test_datasets.py)."""
 
 from __future__ import annotations
 
@@ -50,10 +51,10 @@ def test_second_load_comes_from_the_cache(folder_data: Path, cache_dir: Path, mo
     first = load_raw(folder_data, cache_dir=cache_dir)
     assert len(list(cache_dir.glob("cifar10-folder-*.pt"))) == 1
 
-    def no_decoding(root):
+    def no_decoding(*args):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data, "read_folder", no_decoding)
+    monkeypatch.setattr(data.cifar10, "read_folder", no_decoding)
     second = load_raw(folder_data, cache_dir=cache_dir)
     assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
 
@@ -149,3 +150,11 @@ def test_impossible_split_sizes_are_explained(folder_data: Path, cache_dir: Path
         make_splits(raw, val_size=120)
     with pytest.raises(DataError, match="data.train_size=500 is more than the 100 training images"):
         make_splits(raw, val_size=20, train_size=500)
+
+
+def test_cifar10_keeps_its_published_mean_and_std(folder_data: Path, pickle_data: Path, cache_dir: Path) -> None:
+    """Every earlier run normalized with these constants; CIFAR-10 from either layout still does."""
+    published = data.DataInfo("cifar10", CLASSES, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    assert load_raw(folder_data, cache_dir=cache_dir).info == published
+    assert load_raw(pickle_data, cache_dir=cache_dir).info == published
+    assert make_splits(load_raw(folder_data, cache_dir=cache_dir), val_size=20).info == published

@@ -13,49 +13,7 @@ import pytest
 from normsweep.report.runs import ReportError, collect
 from normsweep.report.tables import main, write_report
 
-
-def config(norm: str, seed: int, lr: float = 0.2) -> dict:
-    return {
-        "norm": {"kind": norm, "groups": 4},
-        "model": {"arch": "resnet", "dropout": 0.0},
-        "optimizer": {"name": "sgd", "lr": lr, "weight_decay": 5e-4},
-        "scheduler": {"name": "onecycle"},
-        "trainer": {"batch_size": 512, "label_smoothing": 0.1, "epochs": 2, "seed": seed},
-        "data": {"root": "unused", "format": "auto", "train_size": None},
-    }
-
-
-def write_run(
-    job: Path,
-    norm: str,
-    seed: int,
-    test: float,
-    val: float,
-    status: str = "completed",
-    error=None,
-    lr: float = 0.2,
-    **fields,
-) -> None:
-    """A job directory with a results.json; ``fields`` are added to (or replace) the record's own."""
-    job.mkdir(parents=True)
-    history = [
-        {"epoch": 1, "train_loss": 2.0, "train_acc": 30.0, "val_acc": val - 10, "test_acc": test - 10, "lr": 0.1, "seconds": 3.0},
-        {"epoch": 2, "train_loss": 1.5, "train_acc": 50.0, "val_acc": val, "test_acc": test, "lr": 0.0, "seconds": 5.0},
-    ]  # fmt: skip
-    res = {
-        "status": status, "error": error, "norm": norm, "params": 47600, "epochs": 2,
-        "epochs_completed": 2 if status == "completed" else 1,
-        "best_val_acc": val, "final_val_acc": val, "final_test_acc": test if status == "completed" else None,
-        "final_train_loss": 1.5, "seconds_per_epoch": 4.0, "overrides": [f"norm={norm}", f"trainer.seed={seed}"],
-        "choices": {"augment": "crop_flip"}, "config": config(norm, seed, lr),
-        "history": history if status == "completed" else history[:1], **fields,
-    }  # fmt: skip
-    (job / "results.json").write_text(json.dumps(res))
-    n = 20
-    target = np.arange(n) % 10
-    pred = target.copy()
-    pred[: n // 4] = (pred[: n // 4] + 1) % 10
-    np.savez(job / "predictions.npz", index=np.arange(n), target=target, pred=pred)
+from .conftest import batch_size_sweep, record_config, write_run
 
 
 @pytest.fixture
@@ -70,7 +28,7 @@ def sweep(tmp_path: Path) -> Path:
     unfinished = s / "5_norm=group,trainer.seed=1" / ".hydra"  # killed before its first results.json
     unfinished.mkdir(parents=True)
     (unfinished / "overrides.yaml").write_text("- norm=group\n- trainer.seed=1\n")
-    (unfinished / "config.yaml").write_text(json.dumps(config("group", 1)))
+    (unfinished / "config.yaml").write_text(json.dumps(record_config("group", 1)))
     return s
 
 
@@ -325,18 +283,6 @@ def _drawn_lines(monkeypatch) -> dict[str, dict]:
     return drawn
 
 
-def batch_size_sweep(s: Path, accuracy) -> None:
-    """The batch-size study faked: 3 norms x 4 batch sizes x 2 seeds; group runs its recipe (WS, weight decay)."""
-    for i, (norm, batch, seed) in enumerate((n, b, sd) for n in ("batch", "group", "frn") for b in (2, 8, 64, 256)
-                                           for sd in (0, 1)):  # fmt: skip
-        job = s / f"{i}_norm={norm},trainer.batch_size={batch},trainer.seed={seed}"
-        write_run(job, norm, seed, test=accuracy(norm, batch, seed), val=70.0)
-        res = json.loads((job / "results.json").read_text())
-        res["config"]["trainer"]["batch_size"] = batch
-        res["config"]["norm"]["ws"] = norm == "group"  # a recipe's settings: the same in all of a norm's runs
-        res["config"]["optimizer"]["weight_decay"] = 1e-3 if norm == "group" else 5e-4
-        res["overrides"] += [f"trainer.batch_size={batch}"]
-        (job / "results.json").write_text(json.dumps(res))
 
 
 def test_a_swept_batch_size_gets_a_sensitivity_plot_one_line_per_norm_with_95_percent_intervals(
@@ -387,3 +333,24 @@ def test_any_swept_numeric_key_gets_its_plot_linear_x_for_a_narrow_range_and_lin
     assert momentum["lines"]["layer lr=0.2"] == [(0.8, 78.2, 0.0), (0.9, 79.2, 0.0)]  # one seed: no interval
     lr_lines = {f"{n} optimizer.momentum={m}" for n in ("batch", "layer") for m in ("0.8", "0.9")}
     assert set(drawn["sensitivity_optimizer.lr.png"]["lines"]) == lr_lines
+
+
+def test_the_data_each_run_read_is_a_column_where_the_runs_differ_in_it(tmp_path: Path) -> None:
+    s = tmp_path / "sweep"
+    facts = {"cifar10": (10, 32), "cifar100": (100, 32), "folder": (12, 64)}
+    for i, (name, (classes, size)) in enumerate(facts.items()):
+        write_run(s / f"{i}_data={name}", "batch", 0, test=70.0 + i, val=70.0, dataset=name, num_classes=classes,
+                  image_size=size)  # fmt: skip
+    df = collect([s]).set_index("dataset")
+    assert {name: (df.loc[name, "num_classes"], df.loc[name, "image_size"]) for name in facts} == facts
+    write_report([s], plots=False)
+    header = next(line for line in (s / "results.md").read_text().splitlines() if line.startswith("|   run"))
+    assert "dataset" in header and "num_classes" in header and "image_size" in header
+    same = tmp_path / "same"
+    for seed in (0, 1):
+        write_run(same / f"{seed}_seed={seed}", "batch", seed, test=70.0, val=70.0, dataset="cifar10", num_classes=10,
+                  image_size=32)  # fmt: skip
+    write_report([same], plots=False)
+    page = (same / "results.md").read_text()
+    header = next(line for line in page.splitlines() if line.startswith("|   run"))
+    assert "dataset" not in header and "dataset=cifar10" in page  # the same in every run: said once, above

@@ -1,8 +1,9 @@
 """results.json has one writer and one reader: ``results.RunRecord``.
 
 The file's format is that of the job's former hand-built dict: same keys, same order, the late
-keys (bf16, data_root, classes, finished_at, traceback) absent until set. Old files are read and
-migrated; unknown keys are kept. Every consumer (job resume, report, plots, search, benchmark)
+keys (bf16, data_root, dataset, num_classes, image_size, classes, finished_at, traceback) absent until
+set. Old files are read and migrated (a file from before dataset, num_classes and image_size reads them
+as None); unknown keys are kept. Every consumer (job resume, report, plots, search, benchmark)
 reads through ``RunRecord.read``.
 """
 
@@ -18,14 +19,12 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from normsweep.report import plots
-
-from normsweep.report import tables as report
-
-from normsweep.run import resume
+from normsweep.base.results import RESULTS_FILE, EpochRecord, RunRecord
 from normsweep.config import register_configs
 from normsweep.data import DataError
-from normsweep.base.results import RESULTS_FILE, EpochRecord, RunRecord
+from normsweep.report import plots
+from normsweep.report.runs import collect
+from normsweep.run import resume
 from normsweep.search.worker import tell_from_job
 
 from .conftest import REPO
@@ -35,9 +34,11 @@ FILE_KEYS = [
     "status", "error", "norm", "arch", "choices", "params", "epochs", "epochs_completed", "best_val_acc",
     "best_epoch", "final_val_acc", "final_test_acc", "final_val_acc_tta", "final_test_acc_tta", "final_train_loss",
     "train_seconds", "seconds_per_epoch", "peak_memory_mb", "device", "overrides", "trial", "config", "started_at",
-    "host", "pid", "platform", "torch", "history", "bf16", "data_root", "classes", "finished_at", "traceback",
+    "host", "pid", "platform", "torch", "history", "bf16", "data_root", "dataset", "num_classes", "image_size",
+    "classes", "finished_at", "traceback",
 ]  # fmt: skip
-LATE = ["bf16", "data_root", "classes", "finished_at", "traceback"]
+LATE = ["bf16", "data_root", "dataset", "num_classes", "image_size", "classes", "finished_at", "traceback"]
+DATA_KEYS = ["dataset", "num_classes", "image_size", "classes"]  # known once the data is read
 CONFIG = {"norm": {"kind": "batch"}, "data": {"root": "/d", "format": "folder", "val_size": 5000, "cache_dir": None}}
 
 
@@ -53,7 +54,8 @@ def full_record() -> RunRecord:
         final_val_acc_tta=51.5, final_test_acc_tta=50.5, final_train_loss=0.5, train_seconds=4.0,
         seconds_per_epoch=2.0, peak_memory_mb=512.0, device="cpu (2 threads)", overrides=["norm=batch"], trial=3,
         config=CONFIG, started_at="2024-01-01T00:00:00+00:00", host="h", pid=123, platform="Linux", torch="2.4",
-        history=[EpochRecord(**epoch(1)), EpochRecord(**epoch(2))], bf16=False, data_root="/d", classes=["a", "b"],
+        history=[EpochRecord(**epoch(1)), EpochRecord(**epoch(2))], bf16=False, data_root="/d", dataset="folder",
+        num_classes=2, image_size=64, classes=["a", "b"],
         finished_at="2024-01-01T00:01:00+00:00", traceback=None,
     )  # fmt: skip
 
@@ -105,7 +107,7 @@ def test_a_job_writes_its_record_through_the_one_writer_in_the_file_order(tmp_pa
     writes = []
     original = RunRecord.write
     monkeypatch.setattr(RunRecord, "write", lambda self, d: (writes.append(self.status), original(self, d))[1])
-    register_configs()  # fails at reading the data, after the model and device are recorded
+    register_configs()  # fails at reading the data, after the device is recorded (the model needs the data's facts)
     overrides = [f"data.root={tmp_path / 'no-data'}", "data.download=false", "data.format=folder", "trainer.device=cpu",
                  f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -114,8 +116,8 @@ def test_a_job_writes_its_record_through_the_one_writer_in_the_file_order(tmp_pa
         run(dcfg, tmp_path / "job")
     assert writes == ["running", "failed"]
     saved = json.loads((tmp_path / "job" / RESULTS_FILE).read_text())
-    assert list(saved) == [k for k in FILE_KEYS if k != "classes"]  # classes: the data was never read
-    assert saved["status"] == "failed" and saved["params"] > 0 and saved["data_root"] == str(tmp_path / "no-data")
+    assert list(saved) == [k for k in FILE_KEYS if k not in DATA_KEYS]  # the data was never read
+    assert saved["status"] == "failed" and saved["params"] is None and saved["data_root"] == str(tmp_path / "no-data")
 
 
 # --- every consumer reads through RunRecord.read -------------------------------------------------------------
@@ -145,7 +147,7 @@ def redirected(tmp_path: Path, monkeypatch) -> Path:
 
 
 def test_the_report_reads_through_the_one_reader(redirected: Path) -> None:
-    df = report.collect([redirected.parent])
+    df = collect([redirected.parent])
     assert df["final_test_acc"].tolist() == [99.0]
 
 
@@ -156,7 +158,7 @@ def test_the_plots_read_through_the_one_reader(redirected: Path, monkeypatch) ->
     monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: seen.setdefault("titles", []).append(fig.get_suptitle()))
     monkeypatch.setattr(plots, "_load_test_images", lambda *a: (np.zeros((20, 32, 32, 3), np.uint8), tuple("abcdefghij")))
     monkeypatch.setattr(plots, "plot_confusion", lambda job, out, classes: seen.setdefault("classes", classes))
-    df = report.collect([redirected.parent])
+    df = collect([redirected.parent])
     plots.write_plots(df, [redirected.parent], redirected.parent / "plots")
     assert any("test acc 99.0%" in t for t in seen["titles"])  # plot_mispredicted
     assert seen["classes"] == tuple(f"class{i}" for i in range(10))  # write_plots' confusion classes

@@ -230,6 +230,9 @@ class RunRecord:
     history: list[EpochRecord] = field(default_factory=list)
     bf16: bool | None = _late()
     data_root: str | None = _late()  # data.root, absolute
+    dataset: str | None = _late()  # data.source: cifar10 | cifar100 | svhn | folder (an older file: absent, None)
+    num_classes: int | None = _late()
+    image_size: int | None = _late()  # pixels of the square images the model saw
     classes: list[str] | None = _late()
     finished_at: str | None = _late()
     traceback: str | None = _late()  # of a failed run

@@ -29,10 +29,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from normsweep.report.columns import SETTINGS, setting_text, varying_columns, with_known_settings  # noqa: E402
+from normsweep.base.results import PREDICTIONS_FILE, RESULTS_FILE, RunRecord, atomic_write  # noqa: E402
 from normsweep.data import CLASSES  # noqa: E402
 from normsweep.norms import NORMS  # noqa: E402
-from normsweep.base.results import PREDICTIONS_FILE, RESULTS_FILE, RunRecord, atomic_write  # noqa: E402
+from normsweep.report.columns import SETTINGS, setting_text, varying_columns, with_known_settings  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -239,15 +239,19 @@ def mispredicted(job_dir: Path, k: int = 25, seed: int = 0) -> tuple[np.ndarray,
 
 def _test_images(result: RunRecord) -> tuple[np.ndarray, tuple[str, ...]]:
     d = result.config["data"]
-    return _load_test_images(result.data_root or d["root"], d["format"], d.get("cache_dir"))
+    options = tuple((k, d.get(k)) for k in ("source", "labels", "extra", "image_size") if d.get(k) is not None)
+    return _load_test_images(result.data_root or d["root"], d.get("format", "auto"), d.get("cache_dir"), options)
 
 
 @functools.lru_cache(maxsize=2)
-def _load_test_images(root: str, fmt: str, cache_dir: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The test images of one dataset, loaded (and checksummed) once for all the runs of a sweep."""
+def _load_test_images(
+    root: str, fmt: str, cache_dir: str | None, options: tuple = ()
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The test images of one dataset (``options``: the run's data.source and its own keys), loaded (and
+    checksummed) once for all the runs of a sweep."""
     from normsweep.data import load_raw
 
-    raw = load_raw(root, fmt, False, cache_dir)
+    raw = load_raw(root, fmt, False, cache_dir, **dict(options))
     return raw.test_x.permute(0, 2, 3, 1).numpy(), raw.classes
 
 
@@ -280,18 +284,25 @@ def plot_mispredicted(job_dir: Path, out: Path, k: int = 25) -> Path:
     return out / "mispredicted.png"
 
 
+CONFUSION_LABELLED_CLASSES = 20  # above this many classes the matrix has no per-cell numbers and no class names
+
+
 def plot_confusion(job_dir: Path, out: Path, classes: tuple[str, ...]) -> Path:
+    """The test confusion matrix; each cell numbered up to :data:`CONFUSION_LABELLED_CLASSES` classes (100
+    classes would be 10,000 text labels, a minute of drawing that nobody can read)."""
     p = np.load(job_dir / PREDICTIONS_FILE)
     n = len(classes)
     matrix = np.zeros((n, n), dtype=np.int64)
     np.add.at(matrix, (p["target"], p["pred"]), 1)
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
+    labelled = n <= CONFUSION_LABELLED_CLASSES
+    if labelled:
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for t in range(n):
+    for t in range(n if labelled else 0):
         for q in range(n):
             ax.text(q, t, matrix[t, q], ha="center", va="center", fontsize=7,
                     color="white" if matrix[t, q] > matrix.max() / 2 else "black")  # fmt: skip
@@ -334,4 +345,3 @@ def write_plots(df: pd.DataFrame, sweep_dirs: list[Path], out: Path) -> list[Pat
         except Exception as e:  # missing data for the images: the other plots still count
             log.warning("per-run plots for %s not written: %s: %s", path, type(e).__name__, e)
     return written
-

@@ -26,6 +26,7 @@ METRICS = [
     "params", "best_val_acc", "final_val_acc", "final_test_acc", "final_val_acc_tta", "final_test_acc_tta",
     "final_train_loss", "seconds_per_epoch", "epochs_completed",
 ]  # fmt: skip
+DATA_FACTS = ["dataset", "num_classes", "image_size"]  # results.json's record of the data a run trained on
 ACCURACIES = ["best_val_acc", "final_val_acc", "final_test_acc"]
 # Final accuracy with flip test-time augmentation: null when the run had it off, absent in older
 # results.json files. Averaged over the runs that have it; left out of a table where no run has it.
@@ -77,6 +78,8 @@ def _row(job_dir: Path, res: RunRecord, base: Path) -> dict:
     row: dict[str, Any] = {"job": str(job_dir.relative_to(base)) if job_dir.is_relative_to(base) else str(job_dir)}
     for col, path in SETTINGS:
         row[col] = res.choices.get(col) if path is None else _get(config, path)
+    for col in DATA_FACTS:  # what the run read: shown where the runs differ in it, like any setting
+        row[col] = getattr(res, col, None)
     for override in res.overrides:  # swept keys the fixed columns do not cover
         key, _, value = override.partition("=")
         key = key.lstrip("+~")

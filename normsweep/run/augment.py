@@ -2,7 +2,10 @@
 
 Every transform takes a float batch in [0, 1], shape (N, 3, H, W), on any device, and draws one
 random parameter per image from the given ``torch.Generator`` (so a seed reproduces it). The
-order follows the study's torchvision pipeline: colour jitter, then crop, flip and rotation.
+crop's padding scales with the image size (``augment.crop_padding`` is in pixels of a 32x32 image:
+:func:`crop_pixels`), and :func:`normalize` takes the data's per-channel mean and std
+(``normsweep.data.DataInfo``). The order follows the study's torchvision pipeline: colour jitter,
+then crop, flip and rotation.
 ColorJitter here applies brightness, contrast, saturation, hue in that fixed order (torchvision
 shuffles the order per image); the factors are drawn as torchvision draws them.
 """
@@ -10,12 +13,12 @@ shuffles the order per image); the factors are drawn as torchvision draws them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from normsweep.config import AugmentConfig
-from normsweep.data import MEAN, STD
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -105,12 +108,19 @@ def random_rotate(x: torch.Tensor, max_deg: float, g: torch.Generator) -> torch.
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def crop_pixels(crop_padding: int, image_size: int) -> int:
+    """The crop's padding for ``image_size`` pixels: ``augment.crop_padding`` is set for 32x32 images and
+    scales in proportion, round(crop_padding * image_size / 32) (4 -> 8 at 64x64, 2 at 16x16)."""
+    return round(crop_padding * image_size / 32)
+
+
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Apply every transform that ``cfg`` turns on to a float batch in [0, 1]."""
+    """Apply every transform that ``cfg`` turns on to a float batch in [0, 1] of square images."""
     if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
         x = color_jitter(x, cfg, g)
-    if cfg.crop_padding:
-        x = random_crop(x, cfg.crop_padding, g)
+    padding = crop_pixels(cfg.crop_padding, x.shape[-1])
+    if padding:
+        x = random_crop(x, padding, g)
     if cfg.flip_p:
         x = random_flip(x, cfg.flip_p, g)
     if cfg.rotate_deg:
@@ -123,8 +133,9 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Standardize with CIFAR-10's per-channel mean and std."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Standardize with the data's per-channel ``mean`` and ``std`` (``DataInfo``: CIFAR-10's published
+    constants, or computed from the training images)."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s

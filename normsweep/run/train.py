@@ -23,7 +23,7 @@ from normsweep.base.registry import choice
 from normsweep.run.optim import OPTIMIZERS, SCHEDULERS
 from normsweep.run.augment import augment_batch, normalize, to_float
 from normsweep.config import AugmentConfig, Config, NormsweepError, OptimizerConfig, SchedulerConfig, TrainerConfig
-from normsweep.data import Split, Splits
+from normsweep.data import DataInfo, Split, Splits
 from normsweep.base.results import EpochRecord
 from normsweep.run.resume import CheckpointError, load_checkpoint, save_checkpoint
 from normsweep.base.runtime import autocast, use_bf16
@@ -64,9 +64,10 @@ def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int) -> float:
     return SCHEDULERS.entry(cfg.name)(cfg, step / max(total_steps, 1))
 
 
-def prepare_eval(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized float images and labels on ``device``, converted once for all epochs."""
-    return normalize(to_float(split.x.to(device))), split.y.to(device)
+def prepare_eval(split: Split, device: torch.device, info: DataInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized float images (with the data's mean and std, ``info``) and labels on ``device``, converted once
+    for all epochs."""
+    return normalize(to_float(split.x.to(device)), info.mean, info.std), split.y.to(device)
 
 
 @torch.no_grad()
@@ -124,18 +125,21 @@ def batches(
     augment: AugmentConfig,
     gen: torch.Generator,
     memory_format: torch.memory_format = torch.contiguous_format,
+    *,
+    info: DataInfo,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of training batches, as :func:`train` takes them.
 
     ``x`` (uint8 images) and ``y`` live on the device; the epoch is a permutation drawn from
     ``gen``, cut into index slices of ``batch_size`` (:func:`images_per_epoch`), each batch
-    augmented on the device (with ``gen``), normalized and laid out in ``memory_format``.
+    augmented on the device (with ``gen``), normalized with the data's mean and std (``info``) and
+    laid out in ``memory_format``.
     """
     n = images_per_epoch(len(y), batch_size)
     perm = torch.randperm(len(y), generator=gen, device=y.device)[:n]
     for i in range(0, n, batch_size):
         idx = perm[i : i + batch_size]
-        xb = normalize(augment_batch(to_float(x[idx]), augment, gen))
+        xb = normalize(augment_batch(to_float(x[idx]), augment, gen), info.mean, info.std)
         yield xb.contiguous(memory_format=memory_format), y[idx]
 
 
@@ -230,8 +234,8 @@ def train(
     fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
     train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
-    val_x, val_y = prepare_eval(splits.val, device)
-    test_x, test_y = prepare_eval(splits.test, device)
+    val_x, val_y = prepare_eval(splits.val, device, splits.info)
+    test_x, test_y = prepare_eval(splits.test, device, splits.info)
     n = images_per_epoch(len(train_y), tc.batch_size)
     steps_per_epoch = len(range(0, n, tc.batch_size))
     total_steps = steps_per_epoch * tc.epochs
@@ -271,7 +275,7 @@ def train(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         bar = tqdm(
-            batches(train_x, train_y, tc.batch_size, cfg.augment, gen, fmt),
+            batches(train_x, train_y, tc.batch_size, cfg.augment, gen, fmt, info=splits.info),
             total=steps_per_epoch,
             desc=f"epoch {epoch}/{tc.epochs}",
             unit="batch",
