@@ -7,11 +7,12 @@ here, so a misspelled key or a wrong type fails at start with the key's full nam
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from normsweep.base.credentials import URL_KEYS
 from normsweep.base.errors import ConfigError, NormsweepError  # noqa: F401 - the config's errors, imported from here too
 from normsweep.base.registry import choice
+from normsweep.data import DATASETS
 from normsweep.models import MODELS
 from normsweep.run.optim import OPTIMIZERS, SCHEDULERS
 from normsweep.search.pruners import PRUNERS
@@ -45,6 +47,9 @@ class DataFormat(str, Enum):
     auto = "auto"
     pickle = "pickle"  # ROOT/cifar-10-batches-py (torchvision's download)
     folder = "folder"  # ROOT/train/<class>/*.jpg|png, ROOT/test/<class>/...
+
+
+DataSource = DATASETS.enum("DataSource")  # data.DATASETS: the data sources
 
 
 
@@ -96,6 +101,11 @@ class ModelConfig:
     dropout: float = 0.0
     widths: list[int] = field(default_factory=lambda: [16, 24, 36, 56])  # resnet: stem, stages
     depths: list[int] = field(default_factory=lambda: [1, 1, 0])  # resnet: residual convs per stage
+    # A family's own keys (models.MODELS[arch].keys): conf/model/<arch>.yaml sets them, unset for every other family.
+    name: Optional[str] = None  # torchvision: a classifier of torchvision.models (resnet18, mobilenet_v3_small, ...)
+    target: Optional[str] = None  # custom: your nn.Module class as a dotted path, my_pkg.nets.MyNet
+    kwargs: dict[str, Any] = field(default_factory=dict)  # torchvision, custom: the constructor's other arguments
+    small_input_stem: Optional[bool] = None  # torchvision: the family's small-image stem; null = where images <= 64 px
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
@@ -104,6 +114,14 @@ class ModelConfig:
             _fail("model.widths", self.widths, "positive channel counts")
         if any(d < 0 for d in self.depths):
             _fail("model.depths", self.depths, "non-negative depths")
+        arch, family = choice(self.arch), MODELS.entry(self.arch)
+        for key, unset in (("name", None), ("target", None), ("kwargs", {}), ("small_input_stem", None)):
+            if getattr(self, key) != unset and key not in family.keys:
+                users = " or ".join(n for n, f in MODELS.items() if key in f.keys)
+                unset_text = "null" if unset is None else "empty"
+                _fail(f"model.{key}", getattr(self, key), f"{unset_text} (a setting of model={users} only, not of model={arch})")
+        if family.check is not None:
+            family.check(self)
 
 
 @dataclass
@@ -170,16 +188,38 @@ class SchedulerConfig:
 
 @dataclass
 class DataConfig:
+    source: DataSource = DataSource.cifar10  # data.DATASETS: cifar10 | cifar100 | svhn | folder (conf/data/<source>.yaml)
     root: str = "data"  # relative paths are taken from where you launch, not the job dir
-    format: DataFormat = DataFormat.auto
-    download: bool = True  # torchvision download of cifar-10-batches-py (checksum-verified)
+    format: DataFormat = DataFormat.auto  # cifar10 only: its two layouts
+    download: bool = True  # torchvision download (checksum-verified) where the source has one and root lacks it
     cache_dir: Optional[str] = None  # decoded uint8 tensors; default ~/.cache/normsweep
-    val_size: int = 5000  # carved from the training set, deterministic (split_seed)
+    val_size: int = 5000  # carved from the training set, deterministic (split_seed); not used with a folder's val/
     train_size: Optional[int] = None  # use only this many training images (quick runs)
     test_size: Optional[int] = None  # use only this many test images (smoke tests)
     split_seed: int = 0
+    max_memory_gb: Optional[float] = None  # decoded images larger than this stop at start; null = half the machine's RAM
+    # A source's own keys (data.DATASETS[source].options): conf/data/<source>.yaml sets them, null for every other source.
+    labels: Optional[str] = None  # cifar100: fine (100 classes) | coarse (20 superclasses)
+    extra: Optional[bool] = None  # svhn: add extra_32x32.mat's 531,131 images to the training set
+    image_size: Optional[int] = None  # folder: shorter side resized to it, centre square kept; null = as they are
 
     def __post_init__(self) -> None:
+        source = choice(self.source)
+        for key in sorted({k for src in DATASETS.values() for k in src.options}):
+            value, users = getattr(self, key), [n for n, src in DATASETS.items() if key in src.options]
+            if value is None and DATASETS[source].options.get(key):
+                _fail(f"data.{key}", value, f"a value: data={source} needs it (conf/data/{source}.yaml sets it)")
+            if value is not None and source not in users:
+                _fail(f"data.{key}", value, f"null (a setting of data={' or '.join(users)} only, not of data={source})")
+        if choice(self.format) not in DATASETS[source].formats:
+            _fail("data.format", choice(self.format), f"auto (data.format chooses between CIFAR-10's layouts; "
+                  f"data={source} has one)")  # fmt: skip
+        if self.labels is not None and self.labels not in ("fine", "coarse"):
+            _fail("data.labels", self.labels, "fine (CIFAR-100's 100 classes) or coarse (its 20 superclasses)")
+        if self.image_size is not None and self.image_size < 8:
+            _fail("data.image_size", self.image_size, "pixels >= 8, or null to use the images as they are")
+        if self.max_memory_gb is not None and not (self.max_memory_gb > 0 and math.isfinite(self.max_memory_gb)):
+            _fail("data.max_memory_gb", self.max_memory_gb, "gigabytes > 0, or null for half the machine's RAM")
         if self.val_size < 1:
             _fail("data.val_size", self.val_size, "a count >= 1 (sweeps optimize validation accuracy)")
         if self.train_size is not None and self.train_size < 1:
@@ -311,7 +351,7 @@ class Config:
 # (search.study_name_for), the comparison table does not show them as settings (report) and job
 # directories are not named after them (conf/train.yaml, through the resolver registered below).
 RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
-    "data.root", "data.cache_dir", "data.download",
+    "data.root", "data.cache_dir", "data.download", "data.max_memory_gb",
     "trainer.device", "trainer.threads", "trainer.progress", "trainer.compile", "trainer.reuse_memory",
     *(f"budget.{f.name}" for f in fields(BudgetConfig)),
     "logger", *(f"logger.{f.name}" for f in fields(LoggerConfig)),  # where a run is also logged
@@ -330,6 +370,14 @@ def dotted(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+@functools.cache
+def schema_defaults() -> dict:
+    """Every key of the schema with its default, dotted (``{"data.source": "cifar10", ...}``): what a config
+    written before a key existed meant by leaving it out."""
+    schema = OmegaConf.structured(Config)
+    return dotted(OmegaConf.to_container(schema, resolve=False, enum_to_str=True, throw_on_missing=False))
 
 
 def is_result_neutral(key: str) -> bool:

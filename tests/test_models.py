@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 from normsweep.models import StudyNet, build_model, count_params
-
-from normsweep.run.build import model_from_config
 from normsweep.norms import NORMS, norm_act, norm_layer
+from normsweep.run.build import model_from_config
 
-from .test_config import make_cfg
+from .conftest import make_cfg
 
 DEFAULT = dict(widths=[16, 24, 36, 56], depths=[1, 1, 0])
 

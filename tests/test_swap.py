@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from normsweep.base.errors import ConfigError
-from normsweep.norms import NORMS, norm_layer
 from normsweep import swap_norms
+from normsweep.base.errors import ConfigError
 from normsweep.models.cnn import WSConv2d
 from normsweep.models.swap import SwapReport
+from normsweep.norms import NORMS, norm_layer
 
 from .conftest import REPO
 

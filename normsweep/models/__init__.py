@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from normsweep.base.registry import Registry
+from normsweep.models import custom, torchvision
 from normsweep.models.cnn import Dropout, ResNet, StudyNet, WSConv2d, count_params  # noqa: F401 - the models' API
 from normsweep.norms import NormAct, norm_act
 
@@ -44,6 +45,7 @@ Builder = Callable[[Any, NormChoice, int, int], nn.Module]
 class ModelFamily:
     build: Builder
     keys: tuple[str, ...] = ()  # model.* keys only this family reads (besides model.dropout)
+    check: Callable[[Any], None] | None = None  # checks those keys' values when the config is read (ConfigError)
 
 
 MODELS: Registry[ModelFamily] = Registry("model.arch")
@@ -57,6 +59,12 @@ MODELS.register(
         keys=("widths", "depths"),
     ),
 )
+# Existing networks, their norms swapped (models/swap.py): torchvision's classifiers and the user's own class.
+MODELS.register(
+    "torchvision",
+    ModelFamily(torchvision.build, keys=("name", "kwargs", "small_input_stem"), check=torchvision.check),
+)
+MODELS.register("custom", ModelFamily(custom.build, keys=("target", "kwargs"), check=custom.check))
 
 
 def build_model(

@@ -173,13 +173,13 @@ def swap_norms(model: nn.Module, kind: str, groups: int = 4, group_rule: str = "
     convs: dict[str, nn.Conv2d] = {}
     if ws:
         leaves = [m for m in model.modules() if id(m) in new or next(m.children(), None) is None]
-        for name, _, _, module in sites:
+        for _, _, _, module in sites:
             conv = _feeding_conv(leaves, module, _channels(module), set(new))
             if conv is not None and conv not in convs.values():
                 convs[next(n for n, m in model.named_modules() if m is conv)] = conv
     # every check passed: change the model
     replaced = Counter(type(module).__name__ for module in {id(m): m for *_, m in sites}.values())
-    for name, parent, attr, module in sites:
+    for _, parent, attr, module in sites:
         setattr(parent, attr, new[id(module)])
     for _, parent, attr in acts:
         setattr(parent, attr, nn.Identity())

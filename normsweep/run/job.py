@@ -35,7 +35,7 @@ from normsweep.run import trial_hook
 from normsweep.config import Config, ConfigError, NormsweepError, to_config
 from normsweep.data import load_raw, make_splits
 from normsweep.models import count_params
-from normsweep.run.build import check_budget, model_from_config
+from normsweep.run.build import budget_params, check_budget, model_from_config
 from normsweep.base.results import RunRecord
 from normsweep.run.resume import CheckpointError, load_checkpoint, previous_result, resume_hint
 from normsweep.base.runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
@@ -45,10 +45,9 @@ from normsweep.run.train import EpochStats, accuracy, predict, prepare_eval, tra
 log = logging.getLogger(__name__)
 
 
-def model_summary(model: torch.nn.Module) -> str:
-    stats = summary(
-        model, input_size=(1, 3, 32, 32), col_names=("output_size", "num_params"), verbose=0, device="cpu"
-    )
+def model_summary(model: torch.nn.Module, image_size: int = 32) -> str:
+    size = (1, 3, image_size, image_size)  # the data's: Inception v3 refuses 32x32, MaxViT takes its input_size only
+    stats = summary(model, input_size=size, col_names=("output_size", "num_params"), verbose=0, device="cpu")
     return str(stats)
 
 
@@ -236,15 +235,6 @@ def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | 
     threads = job_threads(cfg.trainer.threads, jobs_at_once=cfg.search.workers if cfg.search else None)
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(cfg.trainer.seed)
-    model = model_from_config(cfg)
-    params = count_params(model)
-    record.params = params
-    text = model_summary(model)
-    results.write_text(out / results.SUMMARY_FILE, text + "\n")
-    log.info("model %s with %s norm: %s parameters\n%s", cfg.model.arch.value, cfg.norm.kind.value, f"{params:,}", text)
-    check_budget(cfg, params)
-
     device = resolve_device(cfg.trainer.device)
     if device.type == "cpu" and cfg.trainer.reuse_memory:
         keep_freed_memory()  # no page faults for every large activation (runtime.keep_freed_memory)
@@ -252,18 +242,39 @@ def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | 
     record.bf16 = bf16 = use_bf16(cfg.trainer.bf16, device)
     d = cfg.data
     record.data_root = to_absolute_path(d.root)
-    raw = load_raw(record.data_root, d.format.value, d.download, d.cache_dir and to_absolute_path(d.cache_dir))
+    raw = load_raw(
+        record.data_root, d.format.value, d.download, d.cache_dir and to_absolute_path(d.cache_dir),
+        source=d.source.value, labels=d.labels, extra=d.extra, image_size=d.image_size, max_memory_gb=d.max_memory_gb,
+    )  # fmt: skip
     splits = make_splits(raw, d.val_size, d.train_size, d.test_size, d.split_seed)
+    info = splits.info  # the data's facts: the model's head and input size, the normalization, results.json
+    record.dataset, record.num_classes, record.image_size = info.name, info.num_classes, info.image_size
     record.classes = list(splits.classes)
     del raw  # the splits hold copies; free the full set
+
+    torch.manual_seed(cfg.trainer.seed)
+    model = model_from_config(cfg, info.num_classes, info.image_size)
+    params = count_params(model)
+    record.params = params
+    text = model_summary(model, info.image_size)
+    results.write_text(out / results.SUMMARY_FILE, text + "\n")
+    which = " ".join(v for v in (cfg.model.arch.value, cfg.model.name, cfg.model.target) if v)  # torchvision resnet18
+    log.info("model %s with %s norm: %s parameters\n%s", which, cfg.norm.kind.value, f"{params:,}", text)
+    counted = budget_params(cfg, params, info.num_classes, info.image_size)
+    if counted != params:
+        log.info("budget: %s parameters counted, the network with a 10-class head (the study's budget is set for "
+                 "CIFAR-10's 10 classes; budget=none turns it off)", f"{counted:,}")  # fmt: skip
+    check_budget(cfg, counted, info.num_classes)
+
     if cfg.trainer.batch_size > len(splits.train):
         raise ConfigError(
             f"trainer.batch_size={cfg.trainer.batch_size} is larger than the {len(splits.train)} training images "
             f"(data.train_size={d.train_size}, data.val_size={d.val_size}); lower trainer.batch_size or use more data"
         )
     log.info(
-        "data: %d train, %d val, %d test images from %s; device %s, %s",
-        len(splits.train), len(splits.val), len(splits.test), d.root, record.device, "bf16 autocast" if bf16 else "fp32",
+        "data: %s, %d classes, %dx%d: %d train, %d val, %d test images from %s; device %s, %s",
+        info.name, info.num_classes, info.image_size, info.image_size, len(splits.train), len(splits.val),
+        len(splits.test), d.root, record.device, "bf16 autocast" if bf16 else "fp32",
     )  # fmt: skip
 
     def record_progress(history: list[EpochStats]) -> None:
@@ -299,10 +310,10 @@ def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | 
         record_progress(history)
     log.info("trained in %.1fs", time.perf_counter() - t0)
 
-    test_x, test_y = prepare_eval(splits.test, device)
+    test_x, test_y = prepare_eval(splits.test, device, info)
     preds = predict(model, test_x, channels_last=cfg.trainer.channels_last, bf16=bf16)
     if cfg.trainer.tta_flip:  # the final model's accuracy with flip test-time augmentation
-        val_x, val_y = prepare_eval(splits.val, device)
+        val_x, val_y = prepare_eval(splits.val, device, info)
         tta = dict(channels_last=cfg.trainer.channels_last, bf16=bf16, tta_flip=True)
         record.final_val_acc_tta = accuracy(predict(model, val_x, **tta), val_y)
         record.final_test_acc_tta = accuracy(predict(model, test_x, **tta), test_y)
