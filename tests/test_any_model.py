@@ -30,8 +30,7 @@ from normsweep.models.swap import _swappable
 from normsweep.norms import NORMS
 from normsweep.run.build import BudgetError, check_budget, model_from_config
 
-from .conftest import REPO
-from .test_config import make_cfg
+from .conftest import REPO, make_cfg, normsweep_run
 
 tv = pytest.importorskip("torchvision.models")
 
@@ -314,9 +313,7 @@ def tiny_data(tmp_path_factory) -> list[str]:
 
 
 def normsweep(*args: str, cwd: Path) -> object:
-    from .test_cli import normsweep as run
-
-    return run(*args, cwd=cwd)
+    return normsweep_run(*args, cwd=cwd)
 
 
 @pytest.mark.slow

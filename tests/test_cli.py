@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from normsweep.base.results import load_model
 from normsweep.config import Config
 from normsweep.run.build import model_from_config
-from normsweep.base.results import load_model
 
 from . import warm_python
 from .conftest import REPO, SHARED_CIFAR, compose_config, write_folder_dataset
@@ -83,7 +83,7 @@ def test_single_run_writes_results_checkpoint_and_the_models_own_predictions(tmp
     model.load_state_dict(ckpt["state_dict"])
     d = cfg.data
     splits = make_splits(load_raw(d.root, d.format.value, False, d.cache_dir), d.val_size, d.train_size, d.test_size)
-    x, y = prepare_eval(splits.test, torch.device("cpu"))
+    x, y = prepare_eval(splits.test, torch.device("cpu"), splits.info)
     preds = np.load(out / "predictions.npz")
     assert np.array_equal(preds["pred"], predict(model, x).numpy())
     assert np.array_equal(preds["target"], y.numpy())
@@ -131,7 +131,7 @@ def assert_grid_shows_only_mispredicted(job: Path) -> None:
     model.load_state_dict(ckpt["state_dict"])
     res = json.loads((job / "results.json").read_text())
     raw = load_raw(res["data_root"], cache_dir=cfg.data.cache_dir)
-    x, y = prepare_eval(Split(raw.test_x[index], raw.test_y[index], torch.as_tensor(index)), torch.device("cpu"))
+    x, y = prepare_eval(Split(raw.test_x[index], raw.test_y[index], torch.as_tensor(index)), torch.device("cpu"), raw.info)
     assert np.array_equal(y.numpy(), target)
     model_pred = predict(model, x).numpy()
     assert np.array_equal(model_pred, pred) and (model_pred != target).all()

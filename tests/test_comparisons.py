@@ -24,8 +24,7 @@ from normsweep.report.runs import collect
 from normsweep.report.statistics import seeds_needed, welch
 from normsweep.report.tables import ReportCallback, main, write_report
 
-from .test_report import batch_size_sweep, write_run
-from .test_statistics import power_by_integration
+from .conftest import batch_size_sweep, power_by_integration, write_run
 
 # final test accuracy per seed of each configuration (norm, lr)
 ACC = {

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from normsweep.config import Config, ConfigError, register_configs, to_config
+from normsweep.config import Config, ConfigError
 from normsweep.models import count_params
-from normsweep.run.build import BudgetError, check_budget, model_from_config
 from normsweep.norms import NORMS
+from normsweep.run.build import BudgetError, check_budget, model_from_config
+
+from .conftest import make_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["norm", "model", "augment", "optimizer", "scheduler", "data", "trainer", "budget", "experiment", "logger"]
@@ -22,10 +23,6 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def make_cfg(*overrides: str) -> Config:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_config(compose("train", overrides=list(overrides)))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

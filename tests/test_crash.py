@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from normsweep import data
-
 from normsweep.base import results
 from normsweep.data import CLASSES
 from normsweep.run.resume import config_differences

@@ -44,8 +44,7 @@ from normsweep.base.credentials import (
 from normsweep.search.trials import study_name_for
 
 from . import warm_python
-from .conftest import _free_port, compose_config, postgres_server, small_data_args
-from .test_trackers import hparams
+from .conftest import _free_port, compose_config, hparams, postgres_server, small_data_args
 
 # One xdist worker runs every test of this file (--dist loadgroup): its module fixture is costly to start.
 pytestmark = pytest.mark.xdist_group("credentials")

@@ -2,22 +2,30 @@
 formats (CIFAR-100's python pickles with its keys and 100 fine / 20 coarse names; SVHN's .mat files with X, y and
 10 for the digit 0; a dozen class folders of JPEG, PNG, grayscale, palette and RGBA images of mixed sizes); the
 numbers that flow from the data (class count, image size, mean and std, crop padding); each bad input's error; the
-cache per (source, options); the registry and the schema agreeing. End to end through the CLI: test_datasets_cli.py.
+cache per (source, options); the registry and the schema agreeing; and each source end to end through the
+CLI (slow): ``python -m normsweep -m data=... norm=batch,group trainer.epochs=1`` and the sweep's report, every job
+recording the dataset, its class count and image size, its model with that many outputs.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
+from normsweep.base.results import load_model
 from normsweep.data import DATASETS, DataError, DataInfo, Split, load_raw, make_splits
 from normsweep.data import images as images_module
 
+from . import warm_python
 from .conftest import REPO, compose_config
 
 # ------------------------------------------------------------------ the datasets, in their real formats
@@ -404,3 +412,45 @@ def test_a_sources_own_keys_are_checked(overrides: list[str], key: str) -> None:
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         to_config(compose_config(overrides))
+
+
+# ------------------------------------------------------------------ end to end through the CLI (slow)
+
+CASES = {
+    "cifar100": (write_cifar100, ["data=cifar100", "data.labels=coarse", "data.val_size=50", "data.train_size=200"], 20, 32),
+    "svhn": (write_svhn, ["data=svhn", "data.val_size=40", "data.train_size=150"], 10, 32),
+    "folder": (write_folder, ["data=folder", "data.image_size=24", "data.val_size=12", "trainer.batch_size=30"],
+               len(FOLDER_CLASSES), 24),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", list(CASES))
+def test_a_two_norm_sweep_runs_and_records_the_dataset(tmp_path: Path, source: str) -> None:
+    write, args, num_classes, size = CASES[source]
+    root = write(tmp_path / "data")
+    sweep = tmp_path / "multirun"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    cmd = [sys.executable, "-m", "normsweep", "-m", *args, "norm=batch,group", "trainer.epochs=1", f"data.root={root}",
+           f"data.cache_dir={tmp_path / 'cache'}", "data.download=false", "trainer.device=cpu", "trainer.batch_size=50",
+           f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    if source == "folder":
+        cmd.remove("trainer.batch_size=50")  # the case's own
+    proc = warm_python.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert len(jobs) == 2
+    for job in jobs:
+        res = json.loads((job / "results.json").read_text())
+        assert res["status"] == "completed", res.get("error")
+        assert (res["dataset"], res["num_classes"], res["image_size"]) == (source, num_classes, size)
+        assert len(res["classes"]) == num_classes
+        state = load_model(job / "model.pt")["state_dict"]
+        head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2][-1]
+        assert head.shape[0] == num_classes  # the model's head has the data's classes
+    if source == "cifar100":  # 48,170 parameters with 20 classes; the budget counts a 10-class head
+        assert "budget: 47,600 parameters counted" in proc.stdout + proc.stderr
+    table = pd.read_csv(sweep / "results.csv")  # the sweep's report
+    assert sorted(table["norm"]) == ["batch", "group"] and (table["status"] == "completed").all()
+    for job in jobs:
+        assert (sweep / "plots" / job.name / "mispredicted.png").stat().st_size > 1000  # the test images, read back

@@ -26,12 +26,11 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from normsweep.search import journal
 from normsweep.search.journal import REPAIR_COMMAND, JournalDamaged, scan
-from normsweep.search.trials import STALE_ATTR
 from normsweep.search.storage import open_storage
+from normsweep.search.trials import STALE_ATTR
 
 from . import warm_python
-from .conftest import REPO, small_data_args
-from .test_trackers import dashboard_trials
+from .conftest import REPO, dashboard_trials, small_data_args
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 State = optuna.trial.TrialState

@@ -14,10 +14,10 @@ from normsweep.config import SearchConfig
 from normsweep.data import load_raw, make_splits
 from normsweep.models import WSConv2d, build_model, count_params
 from normsweep.run.build import model_from_config
-from normsweep.search.trials import make_pruner
 from normsweep.run.train import WeightEMA, accuracy, predict, prepare_eval, train
+from normsweep.search.trials import make_pruner
 
-from .test_config import make_cfg
+from .conftest import make_cfg
 
 TINY = ("trainer.batch_size=25", "trainer.device=cpu", "trainer.progress=false", "model.dropout=0.1")
 RESNET = dict(widths=[16, 24, 36, 56], depths=[1, 1, 0])
@@ -99,7 +99,7 @@ def test_with_ema_the_evaluated_and_returned_model_is_the_average(splits) -> Non
     seen = []
     history = train(model, cfg, splits, torch.device("cpu"), on_epoch=lambda h: seen.append(h[-1]))
     # The model handed back holds the EMA weights: its test accuracy is the one reported.
-    x, y = prepare_eval(splits.test, torch.device("cpu"))
+    x, y = prepare_eval(splits.test, torch.device("cpu"), splits.info)
     assert accuracy(predict(model, x, channels_last=True), y) == pytest.approx(history[-1].test_acc)
 
     # Same seed without EMA trains the same raw weights but evaluates and returns them, not the average.

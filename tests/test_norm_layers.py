@@ -15,12 +15,12 @@ import torch
 from torch.func import functional_call
 
 from normsweep.data import load_raw, make_splits
-from normsweep.run.build import model_from_config
-from normsweep.norms.layers import BatchRenorm2d, EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTLU2d
 from normsweep.norms import NORMS, norm_layer
+from normsweep.norms.layers import BatchRenorm2d, EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTLU2d
+from normsweep.run.build import model_from_config
 from normsweep.run.train import train
 
-from .test_config import make_cfg
+from .conftest import make_cfg
 
 TINY = ("trainer.batch_size=25", "trainer.device=cpu", "trainer.progress=false", "model.dropout=0.1")
 

@@ -10,13 +10,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from normsweep.config import RESULT_NEUTRAL_KEYS, is_result_neutral, register_configs
-from normsweep.report.tables import _row
 from normsweep.base.results import RunRecord
+from normsweep.config import RESULT_NEUTRAL_KEYS, is_result_neutral, register_configs
+from normsweep.report.runs import _row
 from normsweep.run.resume import config_differences
 from normsweep.search.trials import study_name_for
 
-from .conftest import REPO
+from .conftest import REPO, compose_config
 
 NEUTRAL_OVERRIDES = ["trainer.threads=2", "data.root=/elsewhere", "trainer.progress=false", "data.cache_dir=/tmp/c",
                      "trainer.device=cpu", "trainer.compile=default", "trainer.reuse_memory=false", "budget.enforce=false"]  # fmt: skip
@@ -180,6 +180,7 @@ def test_the_floor_check_finds_an_upward_import() -> None:
 @pytest.mark.parametrize("registry, enum", [
     ("normsweep.norms:NORMS", "NormKind"), ("normsweep.models:MODELS", "Arch"),
     ("normsweep.run.optim:OPTIMIZERS", "OptimizerName"), ("normsweep.run.optim:SCHEDULERS", "SchedulerName"),
+    ("normsweep.data:DATASETS", "DataSource"),
 ])  # fmt: skip
 def test_each_choice_of_the_schema_is_its_registry(registry: str, enum: str) -> None:
     """The schema's allowed values are the registry's names, in its order: adding an entry adds the choice."""
@@ -236,3 +237,16 @@ def test_normsweep_modules_import_each_other_without_a_cycle() -> None:
     assert "report.plots" in graph["report.tables"] and "report.tables" not in graph["report.plots"]  # lazy imports too
     assert "run.train" in graph["run.job"] and not graph["base.runtime"]  # runtime imports nothing of normsweep
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+
+
+def test_a_config_recorded_before_a_key_existed_is_the_same_config_at_that_keys_default() -> None:
+    """A run directory from an older normsweep (no ``data.source``, no ``model.name``) resumes, not refused."""
+    from normsweep.config import schema_defaults
+
+    new = OmegaConf.to_container(compose_config([]), resolve=True, enum_to_str=True)
+    old = {k: ({kk: vv for kk, vv in v.items() if (k, kk) not in {("data", "source"), ("model", "kwargs")}}
+               if isinstance(v, dict) else v) for k, v in new.items()}  # fmt: skip
+    assert "source" not in old["data"] and schema_defaults()["data.source"] == new["data"]["source"]
+    assert config_differences(old, new) == []
+    other = {**new, "data": {**new["data"], "source": "svhn"}}
+    assert config_differences(old, other) == ["data.source"]  # a non-default value is a difference

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +11,14 @@ import torch
 from omegaconf import OmegaConf
 
 from normsweep.base import results
+from normsweep.base.results import RunRecord
 from normsweep.data import CLASSES, load_raw, make_splits
 from normsweep.run.build import model_from_config
-from normsweep.base.results import RunRecord
 from normsweep.run.resume import config_differences
 from normsweep.run.train import CheckpointError, load_checkpoint, train
 
-from . import warm_python
-from .conftest import REPO, compose_config, small_data_args
-from .crash_injector import env, injector_dir, steps_per_epoch, wait_parked
-from .test_config import make_cfg
-
-TINY = ("trainer.batch_size=25", "trainer.device=cpu", "trainer.progress=false", "model.dropout=0.1")
+from .conftest import TINY, compose_config, make_cfg, normsweep_run, parked_in_epoch_2, small_data_args
+from .crash_injector import env, injector_dir, steps_per_epoch
 
 
 class Killed(Exception):
@@ -87,7 +80,7 @@ def test_a_directory_holding_another_configs_checkpoint_is_refused_saying_why(tm
     other = compose_config(["optimizer.lr=0.5", "trainer.epochs=1"])
     RunRecord(status="running", config=OmegaConf.to_container(other, resolve=True)).write(run_dir)
     (run_dir / results.TRAINING_STATE_FILE).write_bytes(b"a checkpoint of that run")
-    proc = cli("optimizer.lr=0.1", f"hydra.run.dir={run_dir}", "trainer.epochs=1", "data.root=/nonexistent")
+    proc = normsweep_run("optimizer.lr=0.1", f"hydra.run.dir={run_dir}", "trainer.epochs=1", "data.root=/nonexistent")
     message = "already holds a run with another config (differs in optimizer.lr)"
     assert proc.returncode == 2 and message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert message in (run_dir / "normsweep.log").read_text()
@@ -102,31 +95,15 @@ def data_args(tmp_path_factory) -> list[str]:
     return [*small_data_args(tmp_path_factory, n_train=PER_CLASS, n_test=20), "trainer.threads=1"]
 
 
-def cli(*args: str, wait: bool = True, environ: dict | None = None):
-    cmd = [sys.executable, "-m", "normsweep", *args]
-    environ = environ or {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if wait:
-        return warm_python.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)
-    return warm_python.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def parked_in_epoch_2(tmp_path: Path, images: int, *args: str) -> subprocess.Popen:
-    """``python -m normsweep ARGS`` on ``images`` images, parked in its epoch 2's first step (:mod:`.crash_injector`).
-
-    Epoch 1 is saved, and the run is live for good, however fast the machine: the test does to it
-    what it tests (a signal, a second process on its directory), then kills it.
-    """
-    shim = injector_dir(tmp_path)
-    proc = cli(*args, wait=False, environ=env(shim, f"step:{steps_per_epoch(images, args) + 1}:park"))
-    wait_parked(proc, shim)
-    return proc
 
 
 @pytest.mark.slow
 def test_sigterm_saves_state_and_the_same_command_resumes_to_the_same_result(tmp_path: Path, data_args) -> None:
     epochs = ("trainer.epochs=3", "augment=seed", "model.dropout=0.1")
     reference = tmp_path / "reference"
-    ref = cli(*epochs, *data_args, f"hydra.run.dir={reference}", wait=False)  # runs alongside
+    ref = normsweep_run(*epochs, *data_args, f"hydra.run.dir={reference}", wait=False)  # runs alongside
 
     run_dir = tmp_path / "run"
     proc = parked_in_epoch_2(tmp_path, len(CLASSES) * PER_CLASS, *epochs, *data_args, f"hydra.run.dir={run_dir}")
@@ -138,7 +115,7 @@ def test_sigterm_saves_state_and_the_same_command_resumes_to_the_same_result(tmp
     assert f"hydra.run.dir={run_dir}" in stopped["error"] and "to resume" in output
     assert (run_dir / "checkpoint.pt").exists()
 
-    again = cli(*epochs, *data_args, f"hydra.run.dir={run_dir}")
+    again = normsweep_run(*epochs, *data_args, f"hydra.run.dir={run_dir}")
     assert again.returncode == 0, again.stdout[-3000:]
     assert "after epoch 1 of 3" in again.stdout
     ref_output = ref.communicate(timeout=600)[0]
@@ -158,12 +135,12 @@ def test_a_sigterm_just_after_an_epoch_s_checkpoint_is_saved_reports_the_epoch_t
     # that epoch: what the run says it kept must be what the checkpoint holds and the resume uses.
     run_dir, shim = tmp_path / "run", injector_dir(tmp_path)
     args = ("trainer.epochs=3", *data_args, f"hydra.run.dir={run_dir}")
-    stopped = cli(*args, environ=env(shim, f"{results.TRAINING_STATE_FILE}:2:term-after-rename"))
+    stopped = normsweep_run(*args, environ=env(shim, f"{results.TRAINING_STATE_FILE}:2:term-after-rename"))
     assert stopped.returncode == 130, stopped.stdout[-3000:]
     assert load_checkpoint(run_dir / results.TRAINING_STATE_FILE)["epoch"] == 2
     assert "run interrupted after epoch 2 of 3" in stopped.stdout, stopped.stdout[-3000:]
     assert "after epoch 2;" in json.loads((run_dir / results.RESULTS_FILE).read_text())["error"]
-    again = cli(*args)
+    again = normsweep_run(*args)
     assert again.returncode == 0 and "resuming from checkpoint.pt after epoch 2 of 3" in again.stdout
 
 
@@ -174,13 +151,13 @@ def test_a_second_signal_while_the_run_records_its_stop_does_not_cut_the_record_
     run_dir, shim = tmp_path / "run", injector_dir(tmp_path)
     args = ("trainer.epochs=3", *data_args, f"hydra.run.dir={run_dir}")
     spec = f"step:{2 * steps_per_epoch(len(CLASSES) * PER_CLASS, args) + 1}:exit-term"  # epoch 3's first step
-    stopped = cli(*args, environ=env(shim, spec))
+    stopped = normsweep_run(*args, environ=env(shim, spec))
     assert stopped.returncode == 255, stopped.stdout[-3000:]  # SystemExit(-1)
     assert "SIGTERM while stopping: finishing the record first" in stopped.stdout, stopped.stdout[-3000:]
     assert "run interrupted after epoch 2 of 3" in stopped.stdout, stopped.stdout[-3000:]
     record = json.loads((run_dir / results.RESULTS_FILE).read_text())
     assert record["status"] == "interrupted" and record["error"].startswith("SystemExit: -1 after epoch 2;"), record
-    again = cli(*args)
+    again = normsweep_run(*args)
     assert again.returncode == 0 and "resuming from checkpoint.pt after epoch 2 of 3" in again.stdout, again.stdout[-3000:]
 
 
@@ -188,14 +165,14 @@ def test_a_second_signal_while_the_run_records_its_stop_does_not_cut_the_record_
 def test_completed_runs_are_skipped_and_kept_as_they_are(tmp_path: Path, data_args) -> None:
     sweep = tmp_path / "sweep"
     args = ("-m", "norm=batch,layer", "trainer.epochs=1", *data_args, f"hydra.sweep.dir={sweep}")
-    assert cli(*args).returncode == 0
+    assert normsweep_run(*args).returncode == 0
     files = sorted(sweep.glob("*/results.json"))
     before = [f.read_bytes() for f in files]
-    again = cli(*args)
+    again = normsweep_run(*args)
     assert again.returncode == 0
     assert again.stdout.count("already holds this run, completed: skipping it") == 2
     assert [f.read_bytes() for f in files] == before
-    other = cli("-m", "norm=batch,layer", "trainer.epochs=1", "optimizer.lr=0.01", *data_args, f"hydra.sweep.dir={sweep}")
+    other = normsweep_run("-m", "norm=batch,layer", "trainer.epochs=1", "optimizer.lr=0.01", *data_args, f"hydra.sweep.dir={sweep}")
     # Job directories are named by their overrides, so another lr writes new ones beside the old.
     assert other.returncode == 0 and len(list(sweep.glob("*/results.json"))) == 4
 
@@ -203,7 +180,7 @@ def test_completed_runs_are_skipped_and_kept_as_they_are(tmp_path: Path, data_ar
 @pytest.mark.slow
 def test_nan_loss_fails_that_run_and_the_sweep_goes_on(tmp_path: Path, data_args) -> None:
     sweep = tmp_path / "sweep"
-    proc = cli("-m", "optimizer.lr=1e12,0.01", "norm=none", "scheduler=none", "trainer.epochs=2", *data_args,
+    proc = normsweep_run("-m", "optimizer.lr=1e12,0.01", "norm=none", "scheduler=none", "trainer.epochs=2", *data_args,
                f"hydra.sweep.dir={sweep}")  # fmt: skip
     assert proc.returncode != 0  # Hydra reports the failed job at the end
     runs = {json.loads(f.read_text())["config"]["optimizer"]["lr"]: json.loads(f.read_text())
@@ -216,10 +193,10 @@ def test_nan_loss_fails_that_run_and_the_sweep_goes_on(tmp_path: Path, data_args
 
 @pytest.mark.slow
 def test_combinations_that_only_fail_later_are_explained_at_start(tmp_path: Path, data_args) -> None:
-    too_big = cli(*data_args, "trainer.batch_size=2000", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'a'}")
+    too_big = normsweep_run(*data_args, "trainer.batch_size=2000", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'a'}")
     assert too_big.returncode == 2
     assert "trainer.batch_size=2000 is larger than the 1400 training images" in too_big.stdout + too_big.stderr
-    groups = cli(*data_args, "norm=group", "norm.groups=5", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'b'}")
+    groups = normsweep_run(*data_args, "norm=group", "norm.groups=5", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'b'}")
     assert groups.returncode == 2
     assert "norm.groups=5 does not divide the 16 channels of layer 'stem'" in groups.stdout + groups.stderr
     assert "Traceback" not in groups.stdout + groups.stderr

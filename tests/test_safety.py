@@ -26,18 +26,15 @@ import torch
 from PIL import Image
 
 from normsweep import data
-
 from normsweep.base import results
-from normsweep.data import CLASSES, DataError, load_raw, make_splits, source_fingerprint
-from normsweep.run.job import RUN_LOCK_FILE, RunDirInUse, hold_run_dir
-from normsweep.run.build import model_from_config
 from normsweep.base.results import UnsafeFileError, WriteError, write_json
+from normsweep.data import CLASSES, DataError, load_raw, make_splits, source_fingerprint
+from normsweep.run.build import model_from_config
+from normsweep.run.job import RUN_LOCK_FILE, RunDirInUse, hold_run_dir
 from normsweep.run.train import CheckpointError, load_checkpoint, train
 
 from . import warm_python
-from .conftest import REPO, class_images, small_data_args
-from .test_config import make_cfg
-from .test_reliability import TINY, cli, parked_in_epoch_2
+from .conftest import REPO, TINY, class_images, make_cfg, normsweep_run, parked_in_epoch_2, small_data_args
 
 DEV_FULL = Path("/dev/full")  # every write to it fails with ENOSPC: a full disk, for real
 needs_dev_full = pytest.mark.skipif(not DEV_FULL.exists(), reason="needs /dev/full (Linux)")
@@ -451,13 +448,13 @@ def test_a_second_process_on_a_live_run_stops_at_once_and_a_killed_holder_does_n
 ) -> None:
     args = ("trainer.epochs=4", "augment=seed", "model.dropout=0.1", *data_args)
     reference = tmp_path / "reference"
-    ref = cli(*args, f"hydra.run.dir={reference}", wait=False)  # runs alongside
+    ref = normsweep_run(*args, f"hydra.run.dir={reference}", wait=False)  # runs alongside
 
     run_dir = tmp_path / "run"
     # Parked in epoch 2: alive and holding the directory, but going nowhere (a hung run).
     holder = parked_in_epoch_2(tmp_path, len(CLASSES) * PER_CLASS, *args, f"hydra.run.dir={run_dir}")
     try:
-        second = cli(*args, f"hydra.run.dir={run_dir}")
+        second = normsweep_run(*args, f"hydra.run.dir={run_dir}")
         assert holder.poll() is None  # the holder was alive throughout
         out = second.stdout + second.stderr
         assert second.returncode == 2, out[-3000:]
@@ -471,7 +468,7 @@ def test_a_second_process_on_a_live_run_stops_at_once_and_a_killed_holder_does_n
         holder.communicate(timeout=60)
     assert (run_dir / RUN_LOCK_FILE).exists() and (run_dir / "checkpoint.pt").exists()
 
-    again = cli(*args, f"hydra.run.dir={run_dir}", wait=False)
+    again = normsweep_run(*args, f"hydra.run.dir={run_dir}", wait=False)
     output = again.communicate(timeout=600)[0]
     assert again.returncode == 0, output[-3000:]
     assert "resuming from" in output

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from . import warm_python
-from .conftest import REPO, small_data_args
+from .conftest import REPO, normsweep_multirun, small_data_args
 from .crash_injector import env, injector_dir, release, wait_parked
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -25,12 +23,6 @@ def data_args(tmp_path_factory) -> list[str]:
     return [*small_data_args(tmp_path_factory), "trainer.epochs=1"]
 
 
-def normsweep(*args: str, cwd: Path = REPO, wait: bool = True, environ: dict | None = None):
-    cmd = [sys.executable, "-m", "normsweep", "-m", *args]
-    environ = environ or {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if not wait:
-        return warm_python.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return warm_python.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
 
 
 def results(sweep: Path) -> pd.DataFrame:
@@ -46,7 +38,7 @@ def test_a_two_job_sweep_through_a_parallel_launcher_completes_and_is_collected(
     tmp_path: Path, data_args, launcher: str
 ) -> None:
     sweep = tmp_path / "sweep"
-    proc = normsweep(f"hydra/launcher={launcher}", "norm=batch,group", *data_args, f"hydra.sweep.dir={sweep}", wait=False)
+    proc = normsweep_multirun(f"hydra/launcher={launcher}", "norm=batch,group", *data_args, f"hydra.sweep.dir={sweep}", wait=False)
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-4000:]
     df = results(sweep)
@@ -84,8 +76,8 @@ def test_launcher_presets_are_checked_against_the_plugins_schemas() -> None:
 def _ask_until_full(spec: str, study_name: str, n_trials: int, start) -> None:
     """A bare worker: once all are ready, take trial slots as fast as it can, complete each at once."""
     from normsweep.config import SearchConfig
-    from normsweep.search.trials import take_trial
     from normsweep.search.storage import open_storage
+    from normsweep.search.trials import take_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=study_name, storage=open_storage(spec))
@@ -135,7 +127,7 @@ def run_two_workers(storage: str, tmp_path: Path, data_args: list[str], n_trials
     args = ["search=optuna", f"search.storage={storage}", f"search.n_trials={n_trials}", "search.pruner=none",
             "trainer.epochs=2", "trainer.threads=1", *data_args, f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
     shim = injector_dir(tmp_path)
-    workers = [normsweep(*args, wait=False, environ=env(shim, "step:1:hold")) for _ in range(2)]
+    workers = [normsweep_multirun(*args, wait=False, environ=env(shim, "step:1:hold")) for _ in range(2)]
     for w in workers:
         wait_parked(w, shim)
     release(shim)

@@ -6,7 +6,6 @@ The end-to-end tests go through ``hydra/launcher=joblib``; the same workers on a
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -20,62 +19,52 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from normsweep.config import SearchConfig
 from normsweep.base.results import RunRecord
-from normsweep.search.trials import (
-    EARLIER_JOB_DIRS_ATTR, HEARTBEAT_ATTR, JOB_DIR_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, take_trial, uses_slot,
-)
-from normsweep.search.storage import open_storage, storage_file
+from normsweep.config import SearchConfig
 from normsweep.run.trial_hook import RunPruned
+from normsweep.search.storage import open_storage
+from normsweep.search.trials import (
+    EARLIER_JOB_DIRS_ATTR,
+    HEARTBEAT_ATTR,
+    JOB_DIR_ATTR,
+    JOB_SUBDIR_ATTR,
+    SearchError,
+    free_slot,
+    take_trial,
+    uses_slot,
+)
 from normsweep.search.worker import (
-    SearchWorker, StudyPlan, carry_checkpoint, load_studies, open_shared_storage, trial_hook_for,
+    SearchWorker,
+    StudyPlan,
+    carry_checkpoint,
+    load_studies,
+    open_shared_storage,
+    trial_hook_for,
 )
 
 from . import warm_python
-from .conftest import REPO, small_data_args
+from .conftest import (
+    REPO,
+    all_trials,
+    check_retried_from_checkpoint,
+    normsweep_multirun,
+    overlapping,
+    running_past_epoch_2,
+    small_data_args,
+)
 from .slurm_cluster import wait_for
-from .test_scale_out import normsweep
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 State = optuna.trial.TrialState
 DIMS = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
 
 
-def all_trials(spec: str) -> list[optuna.trial.FrozenTrial]:
-    """The trials of the one study in ``spec``."""
-    storage = open_storage(spec)
-    (summary,) = optuna.get_all_study_summaries(storage)
-    return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
 
 
-def overlapping(trials: list[optuna.trial.FrozenTrial]) -> bool:
-    """Whether two trials of different workers ran at the same time."""
-    return any(a.user_attrs["worker"] != b.user_attrs["worker"] and a.datetime_start < b.datetime_complete
-               and b.datetime_start < a.datetime_complete for a, b in itertools.combinations(trials, 2))  # fmt: skip
 
 
-def running_past_epoch_2(first: subprocess.Popen, log: Path, spec: str, n: int) -> list[optuna.trial.FrozenTrial]:
-    """Wait until ``n`` trials are RUNNING with two epochs reported (a checkpoint to resume from); the search goes on."""
-
-    def running():
-        assert first.poll() is None, log.read_text()[-3000:]
-        if not storage_file(spec).exists():
-            return None
-        found = [t for t in all_trials(spec) if t.state == State.RUNNING and len(t.intermediate_values) >= 2]
-        return found if len(found) == n else None
-
-    return wait_for(running, 300, f"{n} trials running past their second epoch", 0.2)
 
 
-def check_retried_from_checkpoint(trials: dict[int, optuna.trial.FrozenTrial], stopped: optuna.trial.FrozenTrial,
-                                  sweep: Path) -> optuna.trial.FrozenTrial:  # fmt: skip
-    """``stopped``'s slot ran again: its parameters, in its job directory, resumed from its checkpoint, completed."""
-    (retry,) = [t for t in trials.values() if t.user_attrs.get("retry_of") == stopped.number]
-    assert retry.state == State.COMPLETE and retry.params == stopped.params
-    job_dir = Path(retry.user_attrs["job_dir"])
-    assert job_dir == sweep / stopped.user_attrs[JOB_SUBDIR_ATTR]
-    assert "resuming from checkpoint.pt after epoch" in (job_dir / "normsweep.log").read_text()
-    return retry
 
 
 # ------------------------------------------------------------------ the worker loop, in-process
@@ -266,7 +255,7 @@ def test_a_job_gets_its_workers_share_of_the_cores(monkeypatch) -> None:
 @pytest.mark.slow  # seconds: real processes
 def test_more_than_one_worker_needs_a_launcher_that_runs_jobs_in_parallel(tmp_path: Path) -> None:
     journal = tmp_path / "study.journal"
-    proc = normsweep("search=optuna", "search.workers=2", f"search.storage=journal:{journal}",
+    proc = normsweep_multirun("search=optuna", "search.workers=2", f"search.storage=journal:{journal}",
                      f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
     assert proc.returncode != 0
     assert "search.workers=2 needs a launcher that runs jobs in parallel: hydra/launcher=joblib" in proc.stderr
@@ -290,7 +279,7 @@ def joblib_workers(tmp_path: Path, *args: str) -> list[str]:
 def test_two_joblib_workers_prune_inside_and_run_exactly_n_trials_together(tmp_path: Path, data_args) -> None:
     args = joblib_workers(tmp_path, "search.n_trials=6", "search.pruner=threshold", "search.prune_below=99",
                           "trainer.epochs=3", *data_args)  # fmt: skip
-    proc = normsweep(*args)
+    proc = normsweep_multirun(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = all_trials(f"journal:{tmp_path / 'study.journal'}")
     # Pruned inside the workers: each reported its first epoch to the study and stopped there.
@@ -310,7 +299,7 @@ def test_two_joblib_workers_prune_inside_and_run_exactly_n_trials_together(tmp_p
     table = pd.read_csv(sweep / "results.csv")
     assert len(table) == 6 and set(table["status"]) == {"pruned"}
 
-    again = normsweep(*args)  # the same command: every slot is used, nothing runs
+    again = normsweep_multirun(*args)  # the same command: every slot is used, nothing runs
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(all_trials(f"journal:{tmp_path / 'study.journal'}")) == 6
 
@@ -341,7 +330,7 @@ def test_a_sigterm_d_worker_frees_its_trial_and_the_command_resumes_every_trial_
     if other.state == State.RUNNING:
         wait_for(lambda: time.time() - other.system_attrs[HEARTBEAT_ATTR] > 8, 60, "the dead worker's trial to go stale")
     # The same command, but in another sweep dir (as a plain re-run gets: the default one is timestamped).
-    again = normsweep(*[a.replace(str(tmp_path / "sweep"), str(tmp_path / "sweep2")) for a in args])
+    again = normsweep_multirun(*[a.replace(str(tmp_path / "sweep"), str(tmp_path / "sweep2")) for a in args])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     trials = {t.number: t for t in all_trials(spec)}
     counted = [t for t in trials.values() if uses_slot(t)]

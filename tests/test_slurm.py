@@ -21,13 +21,19 @@ import optuna
 import pandas as pd
 import pytest
 
-from normsweep.search.trials import HEARTBEAT_ATTR, uses_slot
 from normsweep.run.trackers import EPOCH_METRICS
+from normsweep.search.trials import HEARTBEAT_ATTR, uses_slot
 
 from . import crash_injector, warm_python
-from .conftest import REPO, small_data_args
+from .conftest import (
+    REPO,
+    all_trials,
+    check_retried_from_checkpoint,
+    overlapping,
+    running_past_epoch_2,
+    small_data_args,
+)
 from .slurm_cluster import INSTALL_HINT, PARTITION, PrivateSlurm, missing_binaries, wait_for
-from .test_search_workers import all_trials, check_retried_from_checkpoint, overlapping, running_past_epoch_2
 
 # One xdist worker runs every test of this file (--dist loadgroup): its module fixture is costly to start.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -98,7 +104,7 @@ def _minutes(elapsed: str) -> int:
 def _tracked_epochs(tracker: str, job_dir: Path, uri: str) -> dict[str, list[tuple[int, float]]]:
     """Each per-epoch metric as the tracker's own reader shows it: (epoch, value), in logging order; checks one run."""
     if tracker == "tensorboard":
-        from .test_trackers import scalars
+        from .conftest import scalars
 
         return {key: [(step, float(v)) for step, v in logged] for key, logged in scalars(job_dir).items()}
     from mlflow.tracking import MlflowClient

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import integrate, stats
+from scipy import stats
 
 from normsweep.report.comparisons import compare_configs
 from normsweep.report.statistics import (
@@ -29,6 +29,8 @@ from normsweep.report.statistics import (
     t_test_power,
     welch,
 )
+
+from .conftest import power_by_integration
 
 
 @pytest.fixture
@@ -108,17 +110,6 @@ def test_hedges_g_and_its_interval_are_the_textbook_formulas() -> None:
     assert all(math.isnan(v) for v in hedges_g([80.0, 80.0], [79.0, 79.0]).values())  # no spread: undefined
 
 
-def power_by_integration(n: int, effect: float, alpha: float) -> float:
-    """P(|T| > c) for T = (Z + δ)/sqrt(V/ν), ν = 2n − 2, δ = effect·sqrt(n/2): integrated over V ~ χ²(ν)
-    (over all but 1e-12 of its mass on either side, where quad finds the peak of a large ν)."""
-    dof, ncp = 2 * n - 2, effect * math.sqrt(n / 2)
-    c = stats.t.isf(alpha / 2, dof)
-
-    def given_v(v: float) -> float:
-        scale = c * math.sqrt(v / dof)
-        return (stats.norm.sf(scale - ncp) + stats.norm.cdf(-scale - ncp)) * stats.chi2.pdf(v, dof)
-
-    return integrate.quad(given_v, stats.chi2.ppf(1e-12, dof), stats.chi2.isf(1e-12, dof), limit=200)[0]
 
 
 @pytest.mark.parametrize("diff,std,alpha", [(0.23, 0.47, 0.05), (1.0, 1.0, 0.05), (0.18, 0.29, 0.05 / 3),

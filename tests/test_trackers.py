@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import wsgiref.util
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from normsweep.run.trackers import EPOCH_METRICS, MLFLOW_RUN_FILE, TrackerMissin
 from normsweep.run.train import EpochStats
 
 from . import crash_injector, warm_python
-from .conftest import REPO, small_data_args
+from .conftest import REPO, dashboard_trials, hparams, scalars, small_data_args
 
 TIMEOUT = 3600  # generous: these CLI runs share 2 cores with whatever else is running
 PER_CLASS = 150  # training images of each class in the CLI tests' dataset
@@ -107,25 +106,8 @@ def test_logger_keys_of_another_logger_are_rejected_naming_the_key() -> None:
 # ---------------------------------------------------------------------------- TensorBoard
 
 
-def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag of one run directory as TensorBoard reads it: (step, value) per event."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={SCALARS: 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def hparams(logdir: Path) -> dict:
-    """The HParams plugin's view of one run: {name: value} of its session start."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
-    return {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
 
 
 def f32(x: float) -> float:
@@ -283,23 +265,8 @@ def test_mlflow_one_run_per_job_resumed_after_sigterm_with_every_epoch_once(tmp_
 # ---------------------------------------------------------------------------- optuna-dashboard
 
 
-def api(app, path: str) -> dict:
-    """GET ``path`` from a WSGI app (plain wsgiref environ, no server) and decode its JSON."""
-    environ: dict = {}
-    wsgiref.util.setup_testing_defaults(environ)
-    environ.update(REQUEST_METHOD="GET", PATH_INFO=path, QUERY_STRING="")
-    status: list[str] = []
-    body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
-    assert status[0].startswith("200"), (path, status, body[:500])
-    return json.loads(body)
 
 
-def dashboard_trials(storage) -> tuple[dict, list[dict]]:
-    import optuna_dashboard
-
-    app = optuna_dashboard.wsgi(storage)
-    (study,) = api(app, "/api/studies")["study_summaries"]
-    return study, api(app, f"/api/studies/{study['study_id']}")["trials"]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from normsweep.data import load_raw, make_splits
 from normsweep.run.build import model_from_config
 from normsweep.run.train import NonFiniteLossError, lr_factor, peak_lr, predict, train
 
-from .test_config import make_cfg
+from .conftest import make_cfg
 
 
 def test_onecycle_rises_linearly_to_the_peak_then_falls_to_the_final_fraction() -> None:
@@ -118,7 +118,7 @@ def test_channels_last_and_plain_layout_give_the_same_loss(splits) -> None:
     from normsweep.run.augment import normalize, to_float
     from normsweep.run.train import train_step_loss
 
-    x = normalize(to_float(splits.train.x[:50]))
+    x = normalize(to_float(splits.train.x[:50]), splits.info.mean, splits.info.std)
     y = splits.train.y[:50]
     for norm in ("batch", "group", "layer"):
         cfg = make_cfg(f"norm={norm}")
@@ -133,11 +133,11 @@ def test_channels_last_and_plain_layout_give_the_same_loss(splits) -> None:
 
 def test_bf16_autocast_trains_and_stays_close_to_fp32(splits) -> None:
     """bf16 changes the arithmetic on purpose; its loss on the same batch stays within 2% of fp32."""
-    from normsweep.run.augment import normalize, to_float
     from normsweep.base.runtime import autocast
+    from normsweep.run.augment import normalize, to_float
     from normsweep.run.train import train_step_loss
 
-    x, y = normalize(to_float(splits.train.x[:50])), splits.train.y[:50]
+    x, y = normalize(to_float(splits.train.x[:50]), splits.info.mean, splits.info.std), splits.train.y[:50]
     for norm in ("batch", "group", "layer"):
         cfg = make_cfg(f"norm={norm}")
         torch.manual_seed(0)
@@ -157,7 +157,7 @@ def test_compiled_training_step_gives_the_same_loss(splits) -> None:
     from normsweep.run.augment import normalize, to_float
     from normsweep.run.train import train_step_loss
 
-    x, y = normalize(to_float(splits.train.x[:50])), splits.train.y[:50]
+    x, y = normalize(to_float(splits.train.x[:50]), splits.info.mean, splits.info.std), splits.train.y[:50]
     cfg = make_cfg("norm=group")
     torch.manual_seed(0)
     model = model_from_config(cfg)

@@ -1,7 +1,15 @@
 """One Hydra job: validated config -> data -> model (within budget) -> training -> outputs.
 
 Runs in the job directory Hydra made (``hydra.job.chdir=true``); returns the final validation
-accuracy so that a sweeper can optimize it.
+accuracy so that a sweeper can optimize it. The layers of a run, each a function that adds one thing:
+
+1. :func:`run`: refuses a secret in the config, then holds the directory (a second process on it stops);
+2. :func:`_run_in_held_dir`: skips a run already completed there, else writes the "running" record;
+3. :func:`_run_recording_the_end`: whatever ends the run (an error, the pruner, Ctrl-C, SIGTERM) goes
+   into results.json and the tracker (:func:`_record_the_stop`);
+4. :func:`_train_and_save`: the run itself, in named steps: the machine (:func:`_use_machine`), the data
+   (:func:`_load_data`), the model within the budget (:func:`_build_model`), training with each epoch
+   recorded (:class:`EpochRecorder`), the final evaluation and the files (:func:`_save_outputs`).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from normsweep.run import trackers
 
 from normsweep.run import trial_hook
 from normsweep.config import Config, ConfigError, NormsweepError, to_config
-from normsweep.data import load_raw, make_splits
+from normsweep.data import DataInfo, Splits, load_raw, make_splits
 from normsweep.models import count_params
 from normsweep.run.build import budget_params, check_budget, model_from_config
 from normsweep.base.results import RunRecord
@@ -119,7 +127,7 @@ def hold_run_dir(out: Path):
                 log.error("%s", msg)
                 raise RunDirInUse(msg) from None
         else:
-            since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            since = utc_now()
             holder = f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n"
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
@@ -139,10 +147,10 @@ def run(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
     """
     credentials.refuse_inline_passwords(dcfg)
     with hold_run_dir(Path(out_dir)):
-        return _run_held(dcfg, out_dir)
+        return _run_in_held_dir(dcfg, out_dir)
 
 
-def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
+def _run_in_held_dir(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
     """Train one model as ``dcfg`` says, write its outputs to ``out_dir``; return final val accuracy.
 
     A directory that already holds this run completed is left as it is (its final validation
@@ -169,7 +177,7 @@ def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
         overrides=overrides,
         trial=trial_hook.ACTIVE.number if trial_hook.ACTIVE else None,
         config=config,
-        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        started_at=utc_now(),
         host=socket.gethostname(),
         pid=os.getpid(),
         platform=platform.platform(),
@@ -177,7 +185,7 @@ def _run_held(dcfg: DictConfig, out_dir: str | Path = ".") -> float:
     )
     record.write(out)  # "running": the report can tell a live run
     with sigterm_interrupts():
-        return _run_recorded(dcfg, out, record, config)
+        return _run_recording_the_end(dcfg, out, record, config)
 
 
 def _epochs_saved(out: Path, recorded: int | None) -> int:
@@ -190,14 +198,14 @@ def _epochs_saved(out: Path, recorded: int | None) -> int:
         return recorded
 
 
-def _run_recorded(dcfg: DictConfig, out: Path, record: RunRecord, config: dict) -> float:
+def _run_recording_the_end(dcfg: DictConfig, out: Path, record: RunRecord, config: dict) -> float:
     """Run the job; whatever ends it (an error, the search's pruner, Ctrl-C or SIGTERM) goes into ``record``."""
     tracker = trackers.Tracker()  # logger=none until the configured tracker has started
     try:
         cfg = to_config(dcfg)
         tracker = trackers.make_tracker(cfg.logger, out)
         tracker.start(config, record.to_dict())  # logger=tensorboard|mlflow: a missing package stops the run here
-        return _run(cfg, out, record, tracker)
+        return _train_and_save(cfg, out, record, tracker)
     except BaseException as e:  # record why, then let Hydra report it
         with stopping_uninterrupted():  # a second signal (a requeue's SIGTERM) must not cut the record short
             _record_the_stop(e, out, record, tracker)
@@ -211,7 +219,7 @@ def _record_the_stop(e: BaseException, out: Path, record: RunRecord, tracker: tr
     time limit or a preemption exits so, after requeueing the job): the checkpoint stays and the
     same command resumes. Pruned: the search stopped the trial. Anything else: failed.
     """
-    record.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record.finished_at = utc_now()
     if isinstance(e, trial_hook.RunPruned):  # the search stopped this trial early
         record.status = "pruned"
         record.error = f"TrialPruned: {e}"
@@ -230,8 +238,13 @@ def _record_the_stop(e: BaseException, out: Path, record: RunRecord, tracker: tr
     tracker.close(record.to_dict(), trackers.run_files(out))
 
 
-def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | None = None) -> float:
-    tracker = tracker or trackers.Tracker()
+def utc_now() -> str:
+    """The time a record states (``started_at``, ``finished_at``): UTC, to the second, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _use_machine(cfg: Config, record: RunRecord) -> tuple[torch.device, bool]:
+    """The device and bf16 setting the run uses (recorded), with the torch threads and malloc set for it."""
     threads = job_threads(cfg.trainer.threads, jobs_at_once=cfg.search.workers if cfg.search else None)
     if threads:
         torch.set_num_threads(threads)
@@ -239,7 +252,12 @@ def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | 
     if device.type == "cpu" and cfg.trainer.reuse_memory:
         keep_freed_memory()  # no page faults for every large activation (runtime.keep_freed_memory)
     record.device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    record.bf16 = bf16 = use_bf16(cfg.trainer.bf16, device)
+    record.bf16 = use_bf16(cfg.trainer.bf16, device)
+    return device, record.bf16
+
+
+def _load_data(cfg: Config, record: RunRecord) -> Splits:
+    """The splits ``data.*`` asks for; the data's facts (name, class count, image size, classes) recorded."""
     d = cfg.data
     record.data_root = to_absolute_path(d.root)
     raw = load_raw(
@@ -250,12 +268,19 @@ def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | 
     info = splits.info  # the data's facts: the model's head and input size, the normalization, results.json
     record.dataset, record.num_classes, record.image_size = info.name, info.num_classes, info.image_size
     record.classes = list(splits.classes)
-    del raw  # the splits hold copies; free the full set
+    if cfg.trainer.batch_size > len(splits.train):
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the {len(splits.train)} training images "
+            f"(data.train_size={d.train_size}, data.val_size={d.val_size}); lower trainer.batch_size or use more data"
+        )
+    return splits  # the raw set is freed on return: the splits hold copies
 
+
+def _build_model(cfg: Config, info: DataInfo, out: Path, record: RunRecord) -> torch.nn.Module:
+    """The model, seeded with ``trainer.seed``, its summary written and its size recorded; over the budget stops."""
     torch.manual_seed(cfg.trainer.seed)
     model = model_from_config(cfg, info.num_classes, info.image_size)
-    params = count_params(model)
-    record.params = params
+    params = record.params = count_params(model)
     text = model_summary(model, info.image_size)
     results.write_text(out / results.SUMMARY_FILE, text + "\n")
     which = " ".join(v for v in (cfg.model.arch.value, cfg.model.name, cfg.model.target) if v)  # torchvision resnet18
@@ -265,20 +290,20 @@ def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | 
         log.info("budget: %s parameters counted, the network with a 10-class head (the study's budget is set for "
                  "CIFAR-10's 10 classes; budget=none turns it off)", f"{counted:,}")  # fmt: skip
     check_budget(cfg, counted, info.num_classes)
+    return model
 
-    if cfg.trainer.batch_size > len(splits.train):
-        raise ConfigError(
-            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the {len(splits.train)} training images "
-            f"(data.train_size={d.train_size}, data.val_size={d.val_size}); lower trainer.batch_size or use more data"
-        )
-    log.info(
-        "data: %s, %d classes, %dx%d: %d train, %d val, %d test images from %s; device %s, %s",
-        info.name, info.num_classes, info.image_size, info.image_size, len(splits.train), len(splits.val),
-        len(splits.test), d.root, record.device, "bf16 autocast" if bf16 else "fp32",
-    )  # fmt: skip
 
-    def record_progress(history: list[EpochStats]) -> None:
-        stats = history[-1]
+class EpochRecorder:
+    """What happens after each epoch (``train``'s ``on_epoch``): results.json and the tracker updated, and each
+    epoch not reported yet (a resumed run's earlier ones first) reported to the search, whose pruner may stop
+    the run (``trial_hook.RunPruned``)."""
+
+    def __init__(self, cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker, device: torch.device):
+        self.epochs, self.out, self.record, self.tracker, self.device = cfg.trainer.epochs, out, record, tracker, device
+        self.reported: set[int] = set()
+
+    def record_progress(self, history: list[EpochStats]) -> None:
+        record, stats = self.record, history[-1]
         best = max(history, key=lambda e: e.val_acc)
         record.history = list(history)
         record.epochs_completed = stats.epoch
@@ -287,46 +312,66 @@ def _run(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | 
         record.final_train_loss = stats.train_loss
         record.train_seconds = sum(e.seconds for e in history)
         record.seconds_per_epoch = record.train_seconds / len(history)
-        record.peak_memory_mb = peak_memory_mb(device)
-        record.write(out)
-        tracker.log_history(history)  # the epochs the tracker does not hold yet (a resumed run's too)
+        record.peak_memory_mb = peak_memory_mb(self.device)
+        record.write(self.out)
+        self.tracker.log_history(history)  # the epochs the tracker does not hold yet (a resumed run's too)
 
-    reported: set[int] = set()
-
-    def on_epoch(history: list[EpochStats]) -> None:
-        record_progress(history)
-        for stats in history:  # a run resumed from a checkpoint first reports the epochs it holds
-            if stats.epoch not in reported:
-                reported.add(stats.epoch)
-                last = stats.epoch >= cfg.trainer.epochs  # the run is done: its result is not to be pruned
+    def __call__(self, history: list[EpochStats]) -> None:
+        self.record_progress(history)
+        for stats in history:
+            if stats.epoch not in self.reported:
+                self.reported.add(stats.epoch)
+                last = stats.epoch >= self.epochs  # the run is done: its result is not to be pruned
                 trial_hook.report_epoch(stats.epoch, stats.val_acc, last)  # may raise RunPruned
 
-    t0 = time.perf_counter()
-    state_file = out / results.TRAINING_STATE_FILE
-    history = train(model, cfg, splits, device, on_epoch, checkpoint=state_file, config_record=record.config)
-    if history and record.epochs_completed != history[-1].epoch:
-        # killed after the last epoch's checkpoint, before results.json said completed: no epoch was
-        # left to train, so the record takes the history from the checkpoint
-        record_progress(history)
-    log.info("trained in %.1fs", time.perf_counter() - t0)
 
-    test_x, test_y = prepare_eval(splits.test, device, info)
+def _save_outputs(cfg: Config, model: torch.nn.Module, splits: Splits, device: torch.device, bf16: bool, out: Path,
+                  record: RunRecord) -> None:  # fmt: skip
+    """The trained model's final evaluation (with flip TTA where on), its predictions and the model file."""
+    test_x, test_y = prepare_eval(splits.test, device, splits.info)
     preds = predict(model, test_x, channels_last=cfg.trainer.channels_last, bf16=bf16)
     if cfg.trainer.tta_flip:  # the final model's accuracy with flip test-time augmentation
-        val_x, val_y = prepare_eval(splits.val, device, info)
+        val_x, val_y = prepare_eval(splits.val, device, splits.info)
         tta = dict(channels_last=cfg.trainer.channels_last, bf16=bf16, tta_flip=True)
         record.final_val_acc_tta = accuracy(predict(model, val_x, **tta), val_y)
         record.final_test_acc_tta = accuracy(predict(model, test_x, **tta), test_y)
     results.save_predictions(out / results.PREDICTIONS_FILE, splits.test.index, test_y, preds)
     results.save_model(out / results.MODEL_FILE, model, record.config, splits.classes)
+
+
+def _train_and_save(cfg: Config, out: Path, record: RunRecord, tracker: trackers.Tracker | None = None) -> float:
+    """The run: machine, data, model, training (resumed from the directory's checkpoint), outputs; returns the
+    final validation accuracy."""
+    tracker = tracker or trackers.Tracker()
+    device, bf16 = _use_machine(cfg, record)
+    splits = _load_data(cfg, record)
+    info = splits.info
+    model = _build_model(cfg, info, out, record)
+    log.info(
+        "data: %s, %d classes, %dx%d: %d train, %d val, %d test images from %s; device %s, %s",
+        info.name, info.num_classes, info.image_size, info.image_size, len(splits.train), len(splits.val),
+        len(splits.test), cfg.data.root, record.device, "bf16 autocast" if bf16 else "fp32",
+    )  # fmt: skip
+
+    t0 = time.perf_counter()
+    state_file = out / results.TRAINING_STATE_FILE
+    recorder = EpochRecorder(cfg, out, record, tracker, device)
+    history = train(model, cfg, splits, device, recorder, checkpoint=state_file, config_record=record.config)
+    if history and record.epochs_completed != history[-1].epoch:
+        # killed after the last epoch's checkpoint, before results.json said completed: no epoch was
+        # left to train, so the record takes the history from the checkpoint
+        recorder.record_progress(history)
+    log.info("trained in %.1fs", time.perf_counter() - t0)
+
+    _save_outputs(cfg, model, splits, device, bf16, out, record)
     record.status = "completed"
-    record.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record.finished_at = utc_now()
     record.write(out)
     state_file.unlink(missing_ok=True)  # results.json now says completed; the resume state is spent
     tracker.close(record.to_dict(), trackers.run_files(out))
     log.info(
         "done: %s norm, %s params, final test %.2f%% (flip TTA %s), best val %.2f%% (epoch %d), %.1fs/epoch -> %s",
-        record.norm, f"{params:,}", record.final_test_acc,
+        record.norm, f"{record.params:,}", record.final_test_acc,
         "off" if record.final_test_acc_tta is None else f"{record.final_test_acc_tta:.2f}%", record.best_val_acc, record.best_epoch,
         record.seconds_per_epoch, out.resolve(),
     )  # fmt: skip

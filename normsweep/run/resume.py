@@ -19,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from normsweep.config import NormsweepError, dotted, is_result_neutral
+from normsweep.config import NormsweepError, dotted, is_result_neutral, schema_defaults
 from normsweep.base.results import RESULTS_FILE, TRAINING_STATE_FILE, EpochRecord, RunRecord, UnsafeFileError, load_torch, save_torch
 
 CHECKPOINT_VERSION = 1
@@ -75,9 +75,19 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two run configs, ignoring those that do not affect results."""
-    a, b = dotted(old), dotted(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not is_result_neutral(k))
+    """Keys whose values differ between two run configs, ignoring those that do not affect results.
+
+    A key one config lacks counts as its schema default (:func:`~normsweep.config.schema_defaults`): a run
+    recorded before ``data.source`` or ``model.name`` existed is the same config as today's with those at
+    their defaults, so it resumes (or is skipped as done) instead of being refused.
+    """
+    a, b, defaults = dotted(old), dotted(new), schema_defaults()
+    missing = object()
+
+    def value(config: dict, key: str):
+        return config.get(key, defaults.get(key, missing))
+
+    return sorted(k for k in a.keys() | b.keys() if value(a, k) != value(b, k) and not is_result_neutral(k))
 
 
 def previous_result(out: Path, config: dict) -> RunRecord | None:

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -213,33 +214,42 @@ class WeightEMA:
         self.updates = state["updates"]
 
 
-def train(
-    model: nn.Module,
-    cfg: Config,
-    splits: Splits,
-    device: torch.device,
-    on_epoch: Callable[[list[EpochStats]], None] | None = None,
-    checkpoint: Path | None = None,
-    config_record: dict | None = None,
-) -> list[EpochStats]:
-    """Train ``model`` for ``cfg.trainer.epochs`` epochs.
+@dataclass
+class Training:
+    """What one run's training loop holds, built once by :func:`start_training`: the model (as it is stepped,
+    and as it is evaluated), its optimizer, schedule, random generator and weight average, the step, and the
+    data on the device."""
 
-    ``on_epoch`` sees the history after each epoch. With ``checkpoint``, the full training state
-    is saved there after every epoch, and training resumes from it when it exists.
-    With ``trainer.ema_decay``, evaluation uses the weights' moving average, and ``model`` holds
-    that average when training ends (the model that was evaluated is the one saved).
-    """
+    model: nn.Module  # the trained module: checkpoints and the returned weights
+    eval_model: nn.Module  # what each epoch evaluates: the model, or its weight average (trainer.ema_decay)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator  # shuffling and augmentation
+    ema: WeightEMA | None
+    step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    train: tuple[torch.Tensor, torch.Tensor]  # uint8 images and labels
+    val: tuple[torch.Tensor, torch.Tensor]  # normalized floats and labels
+    test: tuple[torch.Tensor, torch.Tensor]
+    info: DataInfo
+    images_per_epoch: int
+    steps_per_epoch: int
+    peak_lr: float
+    bf16: bool
+    memory_format: torch.memory_format
+
+
+def start_training(model: nn.Module, cfg: Config, splits: Splits, device: torch.device) -> Training:
+    """Everything :func:`train` needs, on ``device``: the model in its memory layout (compiled for the steps
+    with ``trainer.compile``), the data, the optimizer at the peak learning rate, the schedule, the generator
+    seeded with ``trainer.seed`` and the weight average."""
     tc = cfg.trainer
-    bf16 = use_bf16(tc.bf16, device)
     fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
-    train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
-    val_x, val_y = prepare_eval(splits.val, device, splits.info)
-    test_x, test_y = prepare_eval(splits.test, device, splits.info)
-    n = images_per_epoch(len(train_y), tc.batch_size)
+    train_data = splits.train.x.to(device), splits.train.y.to(device)
+    val, test = prepare_eval(splits.val, device, splits.info), prepare_eval(splits.test, device, splits.info)
+    n = images_per_epoch(len(train_data[1]), tc.batch_size)
     steps_per_epoch = len(range(0, n, tc.batch_size))
     total_steps = steps_per_epoch * tc.epochs
-
     peak = peak_lr(cfg.optimizer, tc.batch_size)
     if peak != cfg.optimizer.lr:
         log.info("peak learning rate %.4g: optimizer.lr=%g scaled to batch %d (optimizer.lr_scaling=linear)",
@@ -250,63 +260,102 @@ def train(
     # The compiled module shares its parameters with ``model``; evaluation and checkpoints use ``model``.
     step_model = torch.compile(model, mode=tc.compile) if tc.compile else model
     ema = WeightEMA(model, tc.ema_decay) if tc.ema_decay else None
-    eval_model = ema.model if ema is not None else model
+    bf16 = use_bf16(tc.bf16, device)
     step = make_step(step_model, opt, sched, ema, bf16=bf16, label_smoothing=tc.label_smoothing)
+    return Training(
+        model, ema.model if ema is not None else model, opt, sched, gen, ema, step, train_data, val, test,
+        splits.info, n, steps_per_epoch, peak, bf16, fmt,
+    )  # fmt: skip
 
-    history: list[EpochStats] = []
-    if checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        history = [EpochStats(**h) for h in state["history"]]
-        if ema is not None:
-            if not state.get("ema"):
-                raise CheckpointError(f"cannot resume from {checkpoint}: it holds no EMA weights (trainer.ema_decay)")
-            ema.load_state_dict(state["ema"])
-        log.info("resuming from %s after epoch %d of %d", checkpoint, state["epoch"], tc.epochs)
+
+def restore(t: Training, checkpoint: Path, epochs: int) -> list[EpochStats]:
+    """Put ``t`` back in the state ``checkpoint`` saved (weights, optimizer, schedule, every random
+    generator, the weight average) and return the history of the epochs it had finished."""
+    state = load_checkpoint(checkpoint)
+    t.model.load_state_dict(state["model"])
+    t.opt.load_state_dict(state["optimizer"])
+    t.sched.load_state_dict(state["scheduler"])
+    t.gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if t.ema is not None:
+        if not state.get("ema"):
+            raise CheckpointError(f"cannot resume from {checkpoint}: it holds no EMA weights (trainer.ema_decay)")
+        t.ema.load_state_dict(state["ema"])
+    log.info("resuming from %s after epoch %d of %d", checkpoint, state["epoch"], epochs)
+    return [EpochStats(**h) for h in state["history"]]
+
+
+def train_epoch(t: Training, cfg: Config, epoch: int) -> tuple[float, float]:
+    """One pass over the training images: (mean loss, accuracy in %); a loss that is not finite stops the run."""
+    tc = cfg.trainer
+    t.model.train()
+    device = t.train[1].device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    bar = tqdm(
+        batches(*t.train, tc.batch_size, cfg.augment, t.gen, t.memory_format, info=t.info),
+        total=t.steps_per_epoch,
+        desc=f"epoch {epoch}/{tc.epochs}",
+        unit="batch",
+        leave=False,
+        disable=None if tc.progress else True,  # None: only on a terminal
+    )
+    for xb, yb in bar:
+        loss, logits = t.step(xb, yb)
+        loss_sum += loss.detach().float() * len(yb)  # on the device: read once per epoch, no sync per step
+        correct += (logits.argmax(1) == yb).sum()
+    train_loss = loss_sum.item() / t.images_per_epoch
+    if not math.isfinite(train_loss):
+        raise NonFiniteLossError(
+            f"training loss is {train_loss} in epoch {epoch}; lower optimizer.lr (now {cfg.optimizer.lr}, "
+            f"peak {t.peak_lr:.4g} at batch {tc.batch_size})"
+        )
+    return train_loss, 100.0 * correct.item() / t.images_per_epoch
+
+
+def evaluate(t: Training, channels_last: bool) -> tuple[float, float]:
+    """(validation, test) accuracy in % of the evaluated model (:attr:`Training.eval_model`)."""
+    return tuple(
+        accuracy(predict(t.eval_model, x, channels_last=channels_last, bf16=t.bf16), y) for x, y in (t.val, t.test)
+    )  # type: ignore[return-value]
+
+
+def train(
+    model: nn.Module,
+    cfg: Config,
+    splits: Splits,
+    device: torch.device,
+    on_epoch: Callable[[list[EpochStats]], None] | None = None,
+    checkpoint: Path | None = None,
+    config_record: dict | None = None,
+) -> list[EpochStats]:
+    """Train ``model`` for ``cfg.trainer.epochs`` epochs: set up (:func:`start_training`), resume from
+    ``checkpoint`` where it exists (:func:`restore`), then per epoch train (:func:`train_epoch`), evaluate
+    (:func:`evaluate`), save the checkpoint, log, and hand the history to ``on_epoch``.
+
+    With ``trainer.ema_decay``, evaluation uses the weights' moving average, and ``model`` holds
+    that average when training ends (the model that was evaluated is the one saved).
+    """
+    tc = cfg.trainer
+    t = start_training(model, cfg, splits, device)
+    history = restore(t, checkpoint, tc.epochs) if checkpoint is not None and checkpoint.exists() else []
     for epoch in range(len(history) + 1, tc.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        bar = tqdm(
-            batches(train_x, train_y, tc.batch_size, cfg.augment, gen, fmt, info=splits.info),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{tc.epochs}",
-            unit="batch",
-            leave=False,
-            disable=None if tc.progress else True,  # None: only on a terminal
-        )
-        for xb, yb in bar:
-            loss, logits = step(xb, yb)
-            loss_sum += loss.detach().float() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-        train_loss = loss_sum.item() / n
-        lr = opt.param_groups[0]["lr"]
-        if not math.isfinite(train_loss):
-            raise NonFiniteLossError(
-                f"training loss is {train_loss} in epoch {epoch}; lower optimizer.lr (now {cfg.optimizer.lr}, "
-                f"peak {peak:.4g} at batch {tc.batch_size})"
-            )
-        val_acc = accuracy(predict(eval_model, val_x, channels_last=tc.channels_last, bf16=bf16), val_y)
-        test_acc = accuracy(predict(eval_model, test_x, channels_last=tc.channels_last, bf16=bf16), test_y)
-        stats = EpochStats(
-            epoch, train_loss, 100.0 * correct.item() / n, val_acc, test_acc, lr, time.perf_counter() - t0
-        )
+        train_loss, train_acc = train_epoch(t, cfg, epoch)
+        lr = t.opt.param_groups[0]["lr"]
+        val_acc, test_acc = evaluate(t, tc.channels_last)
+        stats = EpochStats(epoch, train_loss, train_acc, val_acc, test_acc, lr, time.perf_counter() - t0)
         history.append(stats)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, opt, sched, gen, history, config_record or {}, ema)
+            save_checkpoint(checkpoint, model, t.opt, t.sched, t.gen, history, config_record or {}, t.ema)
         log.info(
             "epoch %2d/%d  loss %.4f  train %.2f%%  val %.2f%%  test %.2f%%  lr %.4g  %.1fs",
             epoch, tc.epochs, stats.train_loss, stats.train_acc, val_acc, test_acc, lr, stats.seconds,
         )  # fmt: skip
         if on_epoch:
             on_epoch(history)
-    if ema is not None:
-        model.load_state_dict(ema.model.state_dict())
+    if t.ema is not None:
+        model.load_state_dict(t.ema.model.state_dict())
     return history
