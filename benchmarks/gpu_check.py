@@ -116,7 +116,9 @@ class Check:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)  # the command and the workers it started
                 proc.wait()
-                raise StageError(f"stopped at the stage's deadline ({timeout:.0f} s of --budget-s); log: {log}")
+                raise StageError(
+                    f"stopped at the stage's deadline ({timeout:.0f} s of --budget-s); log: {log}"
+                ) from None
         if proc.returncode:
             tail = "\n".join(log.read_text().splitlines()[-15:])
             raise StageError(f"exit status {proc.returncode}; log: {log}\n{tail}")

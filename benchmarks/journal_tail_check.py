@@ -21,7 +21,6 @@ from optuna.storages.journal import JournalFileBackend
 
 from normsweep.search.journal import TailCheckingLock, cut_torn_tail
 
-
 PLAIN = "Optuna's lock"
 
 

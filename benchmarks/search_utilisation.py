@@ -74,7 +74,9 @@ def worker_gaps(trials: list) -> dict[str, list[float]]:
     by_worker: dict[str, list] = {}
     for t in sorted(trials, key=lambda t: t.datetime_start):
         by_worker.setdefault(t.user_attrs["worker"], []).append(t)
-    return {w: [seconds(a.datetime_complete, b.datetime_start) for a, b in zip(ts, ts[1:])] for w, ts in by_worker.items()}
+    return {
+        w: [seconds(a.datetime_complete, b.datetime_start) for a, b in zip(ts, ts[1:])] for w, ts in by_worker.items()
+    }
 
 
 def batch_idle(durations: list[float], n: int) -> tuple[float, float]:

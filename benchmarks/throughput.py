@@ -112,14 +112,14 @@ def _normsweep_batches(raw, device, augment_cfg, channels_last: bool):
         yield from batches(x_all, y_all, BATCH, augment_cfg, gen, fmt, info=raw.info)
 
 
-def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, device_name: str,
-            min_seconds: float = 0.0) -> dict:
+def measure(
+    pipeline: str, norm: str, steps: int, warmup: int, data_root: str, device_name: str, min_seconds: float = 0.0
+) -> dict:
     """Images/s of ``steps`` training steps (after ``warmup``; repeated until ``min_seconds`` have passed) of one pipeline and norm."""
+    from normsweep.base.runtime import keep_freed_memory, resolve_device, use_bf16
     from normsweep.config import AugmentConfig
     from normsweep.data import load_raw
-    from normsweep.models import build_model, count_params
-    from normsweep.models import Dropout
-    from normsweep.base.runtime import keep_freed_memory, resolve_device, use_bf16
+    from normsweep.models import Dropout, build_model, count_params
     from normsweep.run.train import make_step
 
     device = resolve_device(device_name)
@@ -156,6 +156,7 @@ def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, d
 
     bf16 = pipeline in ("normsweep", "default") and use_bf16(None, device)  # normsweep's default: auto
     if pipeline == "study":  # the study's own loop: plain fp32 step
+
         def train_step(x, y):
             loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)
             opt.zero_grad(set_to_none=True)
@@ -189,7 +190,9 @@ def measure(pipeline: str, norm: str, steps: int, warmup: int, data_root: str, d
         "bf16": bf16,
         "images_per_s": images / seconds,
         "peak_mem_mb": _peak_memory_mb(device),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
     }
 
 
@@ -200,10 +203,10 @@ def time_to_target(norm: str, target: float, data_root: str, device_name: str) -
     """Train the default recipe until test accuracy >= target; wall seconds including evaluation."""
     from hydra import compose, initialize_config_dir
 
+    from normsweep.base.runtime import resolve_device
     from normsweep.config import register_configs, to_config
     from normsweep.data import load_raw, make_splits
     from normsweep.run.build import model_from_config
-    from normsweep.base.runtime import resolve_device
     from normsweep.run.train import train
 
     class Reached(Exception):
@@ -211,7 +214,9 @@ def time_to_target(norm: str, target: float, data_root: str, device_name: str) -
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = to_config(compose("train", overrides=[f"norm={norm}", f"trainer.device={device_name}", "trainer.progress=false"]))
+        cfg = to_config(
+            compose("train", overrides=[f"norm={norm}", f"trainer.device={device_name}", "trainer.progress=false"])
+        )
     splits = make_splits(load_raw(data_root), cfg.data.val_size)
     torch.manual_seed(cfg.trainer.seed)
     model = model_from_config(cfg)
@@ -272,8 +277,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=12, help="timed training steps per measurement")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--min-seconds", type=float, default=0.0,
-                   help="time batches of --steps until at least this long (a GPU needs it: 30 steps take 0.2 s)")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.0,
+        help="time batches of --steps until at least this long (a GPU needs it: 30 steps take 0.2 s)",
+    )
     from normsweep.norms import NORMS as ALL_NORMS
 
     p.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(ALL_NORMS))
@@ -281,14 +290,22 @@ def main() -> None:
                    help="which of them to measure (default: all; vs_study needs study)")  # fmt: skip
     p.add_argument("--time-to-target", action="store_true", help="also train the default recipe to 70%% per norm")
     p.add_argument("--target", type=float, default=70.0)
-    p.add_argument("--from-sweep", metavar="DIR", help="also read epochs/seconds to the target from a sweep's results.json files")
+    p.add_argument(
+        "--from-sweep", metavar="DIR", help="also read epochs/seconds to the target from a sweep's results.json files"
+    )
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--one", nargs=2, metavar=("PIPELINE", "NORM"), help=argparse.SUPPRESS)
     p.add_argument("--one-target", metavar="NORM", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.one:
-        print(json.dumps(measure(args.one[0], args.one[1], args.steps, args.warmup, args.data_root, args.device, args.min_seconds)))
+        print(
+            json.dumps(
+                measure(
+                    args.one[0], args.one[1], args.steps, args.warmup, args.data_root, args.device, args.min_seconds
+                )
+            )
+        )
         return
     if args.one_target:
         print(json.dumps(time_to_target(args.one_target, args.target, args.data_root, args.device)))
@@ -296,7 +313,18 @@ def main() -> None:
 
     import pandas as pd
 
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--min-seconds", str(args.min_seconds), "--data-root", args.data_root, "--device", args.device]
+    common = [
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--min-seconds",
+        str(args.min_seconds),
+        "--data-root",
+        args.data_root,
+        "--device",
+        args.device,
+    ]
     rows = []
     for r in range(args.repeats):
         for norm in args.norms:

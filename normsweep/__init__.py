@@ -16,4 +16,3 @@ def __getattr__(name: str):
 
         return swap_norms
     raise AttributeError(f"module 'normsweep' has no attribute {name!r}")
-

@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from normsweep.config import NormsweepError, register_configs
 from normsweep.base.credentials import has_password, refusal, secret_arguments
+from normsweep.config import NormsweepError, register_configs
 from normsweep.run.job import run
 
 register_configs()

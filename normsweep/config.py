@@ -22,10 +22,9 @@ from normsweep.base.errors import ConfigError, NormsweepError  # noqa: F401 - th
 from normsweep.base.registry import choice
 from normsweep.data import DATASETS
 from normsweep.models import MODELS
+from normsweep.norms import NORMS
 from normsweep.run.optim import OPTIMIZERS, SCHEDULERS
 from normsweep.search.pruners import PRUNERS
-from normsweep.norms import NORMS
-
 
 NormKind = NORMS.enum("NormKind")  # norms.NORMS: one registry
 
@@ -50,8 +49,6 @@ class DataFormat(str, Enum):
 
 
 DataSource = DATASETS.enum("DataSource")  # data.DATASETS: the data sources
-
-
 
 
 def _fail(key: str, value, expected: str) -> None:
@@ -119,7 +116,11 @@ class ModelConfig:
             if getattr(self, key) != unset and key not in family.keys:
                 users = " or ".join(n for n, f in MODELS.items() if key in f.keys)
                 unset_text = "null" if unset is None else "empty"
-                _fail(f"model.{key}", getattr(self, key), f"{unset_text} (a setting of model={users} only, not of model={arch})")
+                _fail(
+                    f"model.{key}",
+                    getattr(self, key),
+                    f"{unset_text} (a setting of model={users} only, not of model={arch})",
+                )
         if family.check is not None:
             family.check(self)
 
@@ -188,7 +189,9 @@ class SchedulerConfig:
 
 @dataclass
 class DataConfig:
-    source: DataSource = DataSource.cifar10  # data.DATASETS: cifar10 | cifar100 | svhn | folder (conf/data/<source>.yaml)
+    source: DataSource = (
+        DataSource.cifar10
+    )  # data.DATASETS: cifar10 | cifar100 | svhn | folder (conf/data/<source>.yaml)
     root: str = "data"  # relative paths are taken from where you launch, not the job dir
     format: DataFormat = DataFormat.auto  # cifar10 only: its two layouts
     download: bool = True  # torchvision download (checksum-verified) where the source has one and root lacks it
@@ -197,7 +200,9 @@ class DataConfig:
     train_size: Optional[int] = None  # use only this many training images (quick runs)
     test_size: Optional[int] = None  # use only this many test images (smoke tests)
     split_seed: int = 0
-    max_memory_gb: Optional[float] = None  # decoded images larger than this stop at start; null = half the machine's RAM
+    max_memory_gb: Optional[float] = (
+        None  # decoded images larger than this stop at start; null = half the machine's RAM
+    )
     # A source's own keys (data.DATASETS[source].options): conf/data/<source>.yaml sets them, null for every other source.
     labels: Optional[str] = None  # cifar100: fine (100 classes) | coarse (20 superclasses)
     extra: Optional[bool] = None  # svhn: add extra_32x32.mat's 531,131 images to the training set
@@ -238,7 +243,9 @@ class TrainerConfig:
     channels_last: bool = True  # faster convs on CPU and GPU; same numbers
     bf16: Optional[bool] = None  # bf16 autocast; null = on where the hardware has native bf16 (runtime.use_bf16)
     compile: Optional[str] = None  # torch.compile mode for training steps: default | reduce-overhead | max-autotune
-    threads: Optional[int] = None  # torch threads; null = torch default, or the job's share under a parallel launcher (runtime.job_threads)
+    threads: Optional[int] = (
+        None  # torch threads; null = torch default, or the job's share under a parallel launcher (runtime.job_threads)
+    )
     progress: bool = True  # a tqdm bar per epoch (only when attached to a terminal)
     reuse_memory: bool = True  # CPU: keep freed memory for reuse (runtime.keep_freed_memory); false = lower peak RSS
     ema_decay: Optional[float] = None  # evaluate an EMA of the weights (per step, e.g. 0.99); null = off
@@ -293,15 +300,15 @@ class LoggerConfig:
                 _fail(f"logger.{key}", getattr(self, key), "null unless logger=mlflow")
 
 
-
-
 @dataclass
 class SearchConfig:
     n_trials: int = 20  # total finished trials per study (a resumed search runs only the missing ones)
     seed: int = 0  # TPE sampler seed
     storage: Optional[str] = None  # SQLAlchemy URL or journal:PATH; default sqlite:///optuna/normsweep.db
     study_name: Optional[str] = None  # default: derived from the fixed overrides, one per grid point
-    pruner: str = "median"  # a name of search.pruners.PRUNERS: median | none | threshold | hyperband | successive_halving
+    pruner: str = (
+        "median"  # a name of search.pruners.PRUNERS: median | none | threshold | hyperband | successive_halving
+    )
     prune_below: float = 0.0  # threshold pruner: prune when validation accuracy is below this
     pruner_startup_trials: int = 3  # median pruner: trials that are never pruned
     min_resource: int = 1  # median/hyperband/successive_halving: epochs every trial runs before it can be pruned
@@ -325,7 +332,11 @@ class SearchConfig:
         if self.reduction_factor < 2:
             _fail("search.reduction_factor", self.reduction_factor, "an integer >= 2")
         if self.heartbeat_interval is not None and not 0 < self.heartbeat_interval < self.grace_period:
-            _fail("search.heartbeat_interval", self.heartbeat_interval, f"seconds in (0, search.grace_period={self.grace_period}), or null")
+            _fail(
+                "search.heartbeat_interval",
+                self.heartbeat_interval,
+                f"seconds in (0, search.grace_period={self.grace_period}), or null",
+            )
         if not 0.0 <= self.max_failure_rate <= 1.0:
             _fail("search.max_failure_rate", self.max_failure_rate, "a fraction in [0, 1]")
         if self.workers < 1:

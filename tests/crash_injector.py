@@ -124,7 +124,9 @@ if _spec and _name == "step":
 
     from torch.optim.optimizer import register_optimizer_step_pre_hook  # normsweep imports torch anyway
 
-    assert _stage in ("kill", "park", "hold", "exit-term"), f"{KILL_AT_VAR}={_spec}: a step's stage is kill, park, hold or exit-term"
+    assert _stage in ("kill", "park", "hold", "exit-term"), (
+        f"{KILL_AT_VAR}={_spec}: a step's stage is kill, park, hold or exit-term"
+    )
     _steps = 0
 
     def _at_step(optimizer, args, kwargs) -> None:  # noqa: ANN001 - torch's optimizer step pre-hook

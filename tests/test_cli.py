@@ -131,7 +131,9 @@ def assert_grid_shows_only_mispredicted(job: Path) -> None:
     model.load_state_dict(ckpt["state_dict"])
     res = json.loads((job / "results.json").read_text())
     raw = load_raw(res["data_root"], cache_dir=cfg.data.cache_dir)
-    x, y = prepare_eval(Split(raw.test_x[index], raw.test_y[index], torch.as_tensor(index)), torch.device("cpu"), raw.info)
+    x, y = prepare_eval(
+        Split(raw.test_x[index], raw.test_y[index], torch.as_tensor(index)), torch.device("cpu"), raw.info
+    )
     assert np.array_equal(y.numpy(), target)
     model_pred = predict(model, x).numpy()
     assert np.array_equal(model_pred, pred) and (model_pred != target).all()
@@ -142,7 +144,9 @@ SMALL = ("trainer.epochs=1", "data.train_size=200", "data.test_size=200")  # aft
 
 def test_a_recipe_that_overrides_a_chosen_group_is_named_in_each_job_s_log(tmp_path, data_args) -> None:
     sweep = tmp_path / "multirun"
-    proc = normsweep("-m", "norm=frn,batch", "optimizer=adam", "trainer.epochs=1", *data_args, f"hydra.sweep.dir={sweep}")
+    proc = normsweep(
+        "-m", "norm=frn,batch", "optimizer=adam", "trainer.epochs=1", *data_args, f"hydra.sweep.dir={sweep}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = {p.parent.name.split("norm=")[1].split(",")[0]: p.read_text() for p in sweep.glob("*/normsweep.log")}
     assert "sets optimizer.lr=0.1 (conf/recipe/frn.yaml) instead of optimizer=adam's 0.003" in logs["frn"]
@@ -210,7 +214,10 @@ def test_over_budget_run_stops_before_training_and_records_why(tmp_path, data_ar
 def test_a_search_without_dash_m_stops_saying_to_add_it_instead_of_training_once(tmp_path) -> None:
     proc = normsweep("search=optuna", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "search=optuna searches in a multirun: add -m (python -m normsweep -m search=optuna ...)" in proc.stdout + proc.stderr
+    assert (
+        "search=optuna searches in a multirun: add -m (python -m normsweep -m search=optuna ...)"
+        in proc.stdout + proc.stderr
+    )
     assert not (tmp_path / "run" / "results.json").exists()  # nothing trained
 
 

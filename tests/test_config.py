@@ -23,8 +23,6 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-
-
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_of_every_group_composes_and_validates(group: str, option: str) -> None:
     cfg = make_cfg(f"{group}={option}")

@@ -105,8 +105,12 @@ def assert_same_run(crashed: Path, reference: Path) -> None:
     a, b = (json.loads((d / results.RESULTS_FILE).read_text()) for d in (crashed, reference))
     assert a["status"] == "completed", a
     assert not config_differences(a["config"], b["config"])
-    strip = lambda r: {k: v for k, v in r.items() if k not in VOLATILE} | {  # noqa: E731
-        "history": [{k: v for k, v in e.items() if k != "seconds"} for e in r["history"]]}
+
+    def strip(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k not in VOLATILE} | {
+            "history": [{k: v for k, v in e.items() if k != "seconds"} for e in r["history"]]
+        }
+
     assert strip(a) == strip(b)
     ma, mb = (results.load_model(d / results.MODEL_FILE)["state_dict"] for d in (crashed, reference))
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)

@@ -364,8 +364,17 @@ def test_an_inline_password_is_refused_before_anything_is_written(tmp_path: Path
     before, requests = studies(pg), tracking.proxy.passed + tracking.proxy.refused
     uri = with_password(tracking.url, MLFLOW_PASSWORD)
     storage = with_password(pg, PG_PASSWORD)
-    search = cli(tmp_path, "-m", "search=optuna", "search.n_trials=2", f"search.storage={storage}", "logger=mlflow",
-                 f"logger.tracking_uri={uri},{uri}/", *data_args, "hydra.sweep.dir=sweep")  # a sweep, too
+    search = cli(
+        tmp_path,
+        "-m",
+        "search=optuna",
+        "search.n_trials=2",
+        f"search.storage={storage}",
+        "logger=mlflow",
+        f"logger.tracking_uri={uri},{uri}/",
+        *data_args,
+        "hydra.sweep.dir=sweep",
+    )  # a sweep, too
     single = cli(tmp_path, "logger=mlflow", f"logger.tracking_uri={uri}", *data_args, "hydra.run.dir=run")
     expected = {search: ["search.storage=postgresql+psycopg://normsweep:***@", "PGPASSWORD",
                          f"logger.tracking_uri=http://{MLFLOW_USER}:***@", "MLFLOW_TRACKING_PASSWORD"],
@@ -455,7 +464,9 @@ def test_a_client_error_that_quotes_the_url_is_masked_everywhere(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_a_password_in_the_storage_urls_query_is_refused_before_anything_is_written(tmp_path: Path, pg, data_args) -> None:
+def test_a_password_in_the_storage_urls_query_is_refused_before_anything_is_written(
+    tmp_path: Path, pg, data_args
+) -> None:
     """The form a user tried (issue 33): SQLAlchemy hands ``?password=`` to libpq, which connects with it."""
     before = studies(pg)
     query = f"{pg}?password={PG_PASSWORD}"
@@ -486,7 +497,9 @@ def test_a_password_key_in_a_users_experiment_preset_is_refused_before_anything_
 ) -> None:
     conf = tmp_path / "conf" / "experiment"
     conf.mkdir(parents=True)
-    (conf / "mine.yaml").write_text(f"# @package _global_\nhydra:\n  job:\n    env_set:\n      password: {PG_PASSWORD}\n")
+    (conf / "mine.yaml").write_text(
+        f"# @package _global_\nhydra:\n  job:\n    env_set:\n      password: {PG_PASSWORD}\n"
+    )
     launch = tmp_path / "launch"
     launch.mkdir()
     rc, output = finish(cli(launch, "--config-dir", str(tmp_path / "conf"), "experiment=mine", *data_args,

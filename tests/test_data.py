@@ -81,7 +81,10 @@ def test_changed_source_files_invalidate_the_cache(folder_data: Path, cache_dir:
 
 
 def test_missing_root_says_what_was_found_expected_and_how_to_get_data(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"data.root=.*nowhere has no 'cifar-10-batches-py/' or 'train/' \(it does not exist\).*data.download=true"):
+    with pytest.raises(
+        DataError,
+        match=r"data.root=.*nowhere has no 'cifar-10-batches-py/' or 'train/' \(it does not exist\).*data.download=true",
+    ):
         load_raw(tmp_path / "nowhere", download=False)
     (tmp_path / "wrong").mkdir()
     (tmp_path / "wrong" / "notes.txt").write_text("x")

@@ -27,7 +27,9 @@ def journal_study(path: Path) -> optuna.Study:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return optuna.create_study(storage=JournalStorage(JournalFileBackend(str(path))), study_name="s", load_if_exists=True)
+    return optuna.create_study(
+        storage=JournalStorage(JournalFileBackend(str(path))), study_name="s", load_if_exists=True
+    )
 
 
 @pytest.mark.parametrize("backend", ["journal", "sqlite"])
@@ -120,7 +122,9 @@ def test_a_sigkilled_worker_does_not_stall_the_search(tmp_path: Path, data_args,
 
     survivor = warm_python.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)  # the same command
     trials = {t.number: t for t in study.get_trials()}
-    assert not [t for t in trials.values() if t.state == State.RUNNING], survivor.stdout[-3000:] + survivor.stderr[-3000:]
+    assert not [t for t in trials.values() if t.state == State.RUNNING], (
+        survivor.stdout[-3000:] + survivor.stderr[-3000:]
+    )
     assert trials[killed.number].state == State.FAIL and "presumed dead" in trials[killed.number].user_attrs["error"]
     counted = [t for t in trials.values() if uses_slot(t)]
     assert len(counted) == 3 and all(t.state == State.COMPLETE for t in counted), survivor.stdout[-3000:]

@@ -41,7 +41,9 @@ def read_back(path: Path) -> list[optuna.trial.FrozenTrial]:
     """The study's trials as Optuna's own reader sees them; every line of the file is a whole record."""
     assert scan(path.read_bytes()).dropped == []
     (summary,) = optuna.get_all_study_summaries(JournalStorage(JournalFileBackend(str(path))))
-    return optuna.load_study(study_name=summary.study_name, storage=JournalStorage(JournalFileBackend(str(path)))).trials
+    return optuna.load_study(
+        study_name=summary.study_name, storage=JournalStorage(JournalFileBackend(str(path)))
+    ).trials
 
 
 def dashboard_states(path: Path) -> list[str]:
@@ -90,15 +92,23 @@ def test_a_torn_tail_left_by_another_worker_is_cut_before_the_next_append(tmp_pa
 
     with caplog.at_level(logging.WARNING, logger="normsweep.search.journal"):
         study.tell(trial, 5.0)  # this worker's next append
-    assert f"journal {path}: cut off {len(torn) - len(before)} bytes of a torn last record, a set_study_user_attr record" in caplog.text
+    assert (
+        f"journal {path}: cut off {len(torn) - len(before)} bytes of a torn last record, a set_study_user_attr record"
+        in caplog.text
+    )
     trials = read_back(path)
     assert [(t.state, t.value) for t in trials] == [(State.COMPLETE, 0.0), (State.COMPLETE, 1.0), (State.COMPLETE, 5.0)]
-    assert "note" not in optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(path)))).user_attrs
+    assert (
+        "note"
+        not in optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(path)))).user_attrs
+    )
     assert dashboard_states(path) == ["Complete"] * 3
 
 
 @pytest.mark.parametrize("lost", [17, 1], ids=["torn", "newline-lost"])
-def test_opening_a_journal_cuts_a_torn_record_naming_its_trial_or_keeps_a_whole_one(tmp_path: Path, caplog, lost: int) -> None:
+def test_opening_a_journal_cuts_a_torn_record_naming_its_trial_or_keeps_a_whole_one(
+    tmp_path: Path, caplog, lost: int
+) -> None:
     path = tmp_path / "study.journal"
     new_study(path)
     healthy = path.read_bytes()
@@ -112,11 +122,18 @@ def test_opening_a_journal_cuts_a_torn_record_naming_its_trial_or_keeps_a_whole_
         assert path.read_bytes() == healthy
     else:
         last_start = healthy.rindex(b"\n", 0, len(healthy) - 1) + 1
-        assert f"journal {path}: cut off {len(healthy) - lost - last_start} bytes of a torn last record, {record}" in caplog.text
+        assert (
+            f"journal {path}: cut off {len(healthy) - lost - last_start} bytes of a torn last record, {record}"
+            in caplog.text
+        )
         assert path.read_bytes() == healthy[:last_start]
     trial = study.ask()  # the study goes on
     study.tell(trial, 2.0)
-    assert [t.state for t in read_back(path)] == [State.COMPLETE, State.RUNNING if lost > 1 else State.COMPLETE, State.COMPLETE]
+    assert [t.state for t in read_back(path)] == [
+        State.COMPLETE,
+        State.RUNNING if lost > 1 else State.COMPLETE,
+        State.COMPLETE,
+    ]
 
 
 def test_a_torn_record_longer_than_one_read_is_cut_whole(tmp_path: Path) -> None:
@@ -199,7 +216,9 @@ def test_a_damaged_journal_is_refused_untouched_with_the_repair_command(tmp_path
     # append, and it never would again: normsweep refuses to make it)
     with pytest.raises(JournalDamaged) as refused:
         open_storage(f"journal:{path}")
-    assert "line 7 (byte" in str(refused.value) and "a set_trial_state_values record of trial 1 of study s" in str(refused.value)
+    assert "line 7 (byte" in str(refused.value) and "a set_trial_state_values record of trial 1 of study s" in str(
+        refused.value
+    )
     assert f"`{REPAIR_COMMAND} {path}`" in str(refused.value)
     assert path.read_bytes() == damaged
 
@@ -220,7 +239,10 @@ def test_repair_keeps_a_backup_writes_every_readable_record_and_says_what_it_dro
     assert backup.read_bytes() == damaged
     lines = damaged.split(b"\n")  # 6 whole records, the torn one with the first append glued on, the second
     offset, torn = sum(len(line) + 1 for line in lines[:6]), lines[6].rindex(b'{"op_code":')
-    assert f"repaired {path}: kept 8 records (1 of them found glued after a torn record); dropped 1 unreadable part(s):" in done.stdout
+    assert (
+        f"repaired {path}: kept 8 records (1 of them found glued after a torn record); dropped 1 unreadable part(s):"
+        in done.stdout
+    )
     assert f"line 7 (byte {offset}): {torn} bytes, a set_trial_state_values record of trial 1 of study s" in done.stdout
     assert f"the damaged file is kept as {backup}" in done.stdout
     assert path.stat().st_mode & 0o777 == backup.stat().st_mode & 0o777 == 0o664
@@ -268,11 +290,15 @@ with heartbeat(study, trial, cfg.heartbeat_interval):
 
 
 @pytest.mark.slow
-def test_the_search_completes_after_enospc_and_after_a_kill_in_the_middle_of_journal_appends(tmp_path: Path, data_args) -> None:
+def test_the_search_completes_after_enospc_and_after_a_kill_in_the_middle_of_journal_appends(
+    tmp_path: Path, data_args
+) -> None:
     path = tmp_path / "study.journal"
     # ENOSPC part-way through a heartbeat's append: that heartbeat is lost (the worker logs it and
     # goes on), and its next append first cuts the torn record off.
-    first = search(path, 2, data_args, tmp_path / "sweep", environ=fault_env(tmp_path, "enospc-append", "normsweep:heartbeat"))
+    first = search(
+        path, 2, data_args, tmp_path / "sweep", environ=fault_env(tmp_path, "enospc-append", "normsweep:heartbeat")
+    )
     out = first.stdout + first.stderr
     assert first.returncode == 0, out[-4000:]
     assert "heartbeat not recorded: [Errno 28] No space left on device" in out
@@ -283,7 +309,9 @@ def test_the_search_completes_after_enospc_and_after_a_kill_in_the_middle_of_jou
     # Another worker is killed in the middle of its first heartbeat's append: half a record on disk,
     # Optuna's lock still held, its trial RUNNING. The same command, asking for one more trial, waits
     # out Optuna's grace period for the lock (30 s), cuts the record, fails the silent trial and reuses its slot.
-    killed = run_python(TAKE_A_TRIAL_AND_BEAT, f"journal:{path}", "3", environ=fault_env(tmp_path, "mid-append", "normsweep:heartbeat"))
+    killed = run_python(
+        TAKE_A_TRIAL_AND_BEAT, f"journal:{path}", "3", environ=fault_env(tmp_path, "mid-append", "normsweep:heartbeat")
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not path.read_bytes().endswith(b"\n") and Path(f"{path}.lock").is_symlink()
     second = search(path, 3, data_args, tmp_path / "sweep")  # the same command, one trial more

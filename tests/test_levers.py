@@ -172,7 +172,9 @@ def test_multi_fidelity_pruners(name: str, cls) -> None:
 
 
 def test_successive_halving_prunes_the_worse_half_at_the_first_rung() -> None:
-    study = optuna.create_study(direction="maximize", pruner=make_pruner(SearchConfig(pruner="successive_halving", reduction_factor=2)))
+    study = optuna.create_study(
+        direction="maximize", pruner=make_pruner(SearchConfig(pruner="successive_halving", reduction_factor=2))
+    )
     for value in (50.0, 60.0, 70.0):  # three trials reach the first rung (epoch 1)
         t = study.ask()
         t.report(value, 1)

@@ -109,7 +109,9 @@ def test_group_count_that_does_not_divide_a_layer_names_the_layer() -> None:
         StudyNet(norm_act("group", groups=4), dropout=0.0)
     with pytest.raises(ValueError, match=r"stage2.down"):
         build_model("resnet", "group", groups=8, dropout=0.0, widths=[16, 24, 36, 56], depths=[1, 1, 0])
-    with pytest.raises(ValueError, match=r"norm.groups=8 does not divide the 36 channels of layer 'stage2.down'; EvoNorm"):
+    with pytest.raises(
+        ValueError, match=r"norm.groups=8 does not divide the 36 channels of layer 'stage2.down'; EvoNorm"
+    ):
         build_model("resnet", "evonorm_s0", groups=8, dropout=0.0, widths=[16, 24, 36, 56], depths=[1, 1, 0])
 
 

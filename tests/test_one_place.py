@@ -41,7 +41,11 @@ def test_a_search_with_other_threads_or_data_root_continues_the_same_study() -> 
 
 def test_resume_ignores_exactly_the_neutral_keys() -> None:
     old = {"trainer": {"threads": 1, "epochs": 3, "device": "cpu"}, "data": {"root": "a"}, "budget": {"enforce": True}}
-    new = {"trainer": {"threads": 2, "epochs": 4, "device": "cuda"}, "data": {"root": "b"}, "budget": {"enforce": False}}
+    new = {
+        "trainer": {"threads": 2, "epochs": 4, "device": "cuda"},
+        "data": {"root": "b"},
+        "budget": {"enforce": False},
+    }
     assert config_differences(old, new) == ["trainer.epochs"]
     assert is_result_neutral("+trainer.threads=4") and not is_result_neutral("trainer.epochs=3")
 
@@ -63,7 +67,13 @@ def test_the_report_shows_swept_settings_but_not_neutral_keys(tmp_path) -> None:
 @pytest.mark.slow  # seconds: a fresh interpreter
 def test_a_training_job_does_not_import_optuna() -> None:
     """One fresh interpreter imports each module in turn; the first after which Optuna is loaded is named."""
-    modules = ["normsweep.base.runtime", "normsweep.models", "normsweep.run.train", "normsweep.run.job", "normsweep.report.tables"]
+    modules = [
+        "normsweep.base.runtime",
+        "normsweep.models",
+        "normsweep.run.train",
+        "normsweep.run.job",
+        "normsweep.report.tables",
+    ]
     code = ("import importlib, sys\n"
             f"for m in {modules!r}:\n"
             "    importlib.import_module(m)\n"
@@ -107,7 +117,9 @@ def test_single_option_groups_and_their_dataclass_agree_on_every_default(yaml_fi
     for key in written:
         if OmegaConf.is_interpolation(written, key):
             continue  # e.g. data.root=${oc.env:NORMSWEEP_DATA,data}
-        assert written[key] == defaults[key], f"conf/{yaml_file} {key}={written[key]!r} but {schema}.{key}={defaults[key]!r}"
+        assert written[key] == defaults[key], (
+            f"conf/{yaml_file} {key}={written[key]!r} but {schema}.{key}={defaults[key]!r}"
+        )
 
 
 def _module_name(path) -> str:
@@ -169,7 +181,9 @@ def test_the_house_reads_top_down() -> None:
     graph = _package_imports()
     upward = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets if _floor(t) > _floor(m))
     assert not upward, f"imports from a floor above: {upward}"
-    assert not any(t for m, targets in graph.items() if m.startswith("base.") for t in targets if not t.startswith("base"))
+    assert not any(
+        t for m, targets in graph.items() if m.startswith("base.") for t in targets if not t.startswith("base")
+    )
 
 
 def test_the_floor_check_finds_an_upward_import() -> None:

@@ -34,7 +34,10 @@ def conflicts(overrides: list[str]) -> list[str]:
 
 @pytest.mark.parametrize(
     "more",
-    [[], ["search=optuna", "search.n_trials=1", "optimizer.momentum=0.8"]],  # a search job's overrides, as a worker's are
+    [
+        [],
+        ["search=optuna", "search.n_trials=1", "optimizer.momentum=0.8"],
+    ],  # a search job's overrides, as a worker's are
 )
 def test_an_sgd_recipe_s_learning_rate_over_a_chosen_adam_is_named_with_both_values(more: list[str]) -> None:
     assert conflicts(["norm=frn", "optimizer=adam", *more]) == [
@@ -72,5 +75,12 @@ def test_a_key_given_on_the_command_line_is_not_named_but_the_others_are() -> No
 
 def test_the_chosen_groups_are_the_command_line_s_group_options_but_the_norm_s() -> None:
     choices = {"norm": "batch", "optimizer": "adam", "augment": "seed", "recipe": "batch", "model": "resnet"}
-    overrides = ["norm=batch", "optimizer=adam", "+augment=seed", "optimizer.lr=0.1", "recipe=batch", "model.dropout=0.1"]
+    overrides = [
+        "norm=batch",
+        "optimizer=adam",
+        "+augment=seed",
+        "optimizer.lr=0.1",
+        "recipe=batch",
+        "model.dropout=0.1",
+    ]
     assert chosen_groups(overrides, choices) == ["optimizer", "augment"]

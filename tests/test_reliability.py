@@ -47,7 +47,13 @@ def test_resumed_training_matches_an_uninterrupted_run(folder_data: Path, cache_
     resumed = train(model_from_config(cfg), cfg, splits, torch.device("cpu"), checkpoint=ckpt)
     assert [h.epoch for h in resumed] == [1, 2, 3]
     for a, b in zip(straight, resumed):
-        assert (a.train_loss, a.train_acc, a.val_acc, a.test_acc, a.lr) == (b.train_loss, b.train_acc, b.val_acc, b.test_acc, b.lr)
+        assert (a.train_loss, a.train_acc, a.val_acc, a.test_acc, a.lr) == (
+            b.train_loss,
+            b.train_acc,
+            b.val_acc,
+            b.test_acc,
+            b.lr,
+        )
 
 
 def test_broken_checkpoint_is_reported_not_trusted(folder_data: Path, cache_dir: Path, tmp_path: Path) -> None:
@@ -95,10 +101,6 @@ def data_args(tmp_path_factory) -> list[str]:
     return [*small_data_args(tmp_path_factory, n_train=PER_CLASS, n_test=20), "trainer.threads=1"]
 
 
-
-
-
-
 @pytest.mark.slow
 def test_sigterm_saves_state_and_the_same_command_resumes_to_the_same_result(tmp_path: Path, data_args) -> None:
     epochs = ("trainer.epochs=3", "augment=seed", "model.dropout=0.1")
@@ -120,7 +122,10 @@ def test_sigterm_saves_state_and_the_same_command_resumes_to_the_same_result(tmp
     assert "after epoch 1 of 3" in again.stdout
     ref_output = ref.communicate(timeout=600)[0]
     assert ref.returncode == 0, ref_output[-3000:]
-    resumed, ref = json.loads((run_dir / "results.json").read_text()), json.loads((reference / "results.json").read_text())
+    resumed, ref = (
+        json.loads((run_dir / "results.json").read_text()),
+        json.loads((reference / "results.json").read_text()),
+    )
     assert resumed["status"] == "completed" and not (run_dir / "checkpoint.pt").exists()
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(ref["history"])
@@ -145,7 +150,9 @@ def test_a_sigterm_just_after_an_epoch_s_checkpoint_is_saved_reports_the_epoch_t
 
 
 @pytest.mark.slow
-def test_a_second_signal_while_the_run_records_its_stop_does_not_cut_the_record_short(tmp_path: Path, data_args) -> None:
+def test_a_second_signal_while_the_run_records_its_stop_does_not_cut_the_record_short(
+    tmp_path: Path, data_args
+) -> None:
     # Slurm's time limit as submitit handles it: SIGUSR2, the job requeued, SystemExit(-1) raised in the
     # training step; the requeue's SIGTERM then lands while the run writes down that it stopped.
     run_dir, shim = tmp_path / "run", injector_dir(tmp_path)
@@ -158,7 +165,9 @@ def test_a_second_signal_while_the_run_records_its_stop_does_not_cut_the_record_
     record = json.loads((run_dir / results.RESULTS_FILE).read_text())
     assert record["status"] == "interrupted" and record["error"].startswith("SystemExit: -1 after epoch 2;"), record
     again = normsweep_run(*args)
-    assert again.returncode == 0 and "resuming from checkpoint.pt after epoch 2 of 3" in again.stdout, again.stdout[-3000:]
+    assert again.returncode == 0 and "resuming from checkpoint.pt after epoch 2 of 3" in again.stdout, again.stdout[
+        -3000:
+    ]
 
 
 @pytest.mark.slow
@@ -172,7 +181,9 @@ def test_completed_runs_are_skipped_and_kept_as_they_are(tmp_path: Path, data_ar
     assert again.returncode == 0
     assert again.stdout.count("already holds this run, completed: skipping it") == 2
     assert [f.read_bytes() for f in files] == before
-    other = normsweep_run("-m", "norm=batch,layer", "trainer.epochs=1", "optimizer.lr=0.01", *data_args, f"hydra.sweep.dir={sweep}")
+    other = normsweep_run(
+        "-m", "norm=batch,layer", "trainer.epochs=1", "optimizer.lr=0.01", *data_args, f"hydra.sweep.dir={sweep}"
+    )
     # Job directories are named by their overrides, so another lr writes new ones beside the old.
     assert other.returncode == 0 and len(list(sweep.glob("*/results.json"))) == 4
 
@@ -193,10 +204,14 @@ def test_nan_loss_fails_that_run_and_the_sweep_goes_on(tmp_path: Path, data_args
 
 @pytest.mark.slow
 def test_combinations_that_only_fail_later_are_explained_at_start(tmp_path: Path, data_args) -> None:
-    too_big = normsweep_run(*data_args, "trainer.batch_size=2000", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'a'}")
+    too_big = normsweep_run(
+        *data_args, "trainer.batch_size=2000", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'a'}"
+    )
     assert too_big.returncode == 2
     assert "trainer.batch_size=2000 is larger than the 1400 training images" in too_big.stdout + too_big.stderr
-    groups = normsweep_run(*data_args, "norm=group", "norm.groups=5", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'b'}")
+    groups = normsweep_run(
+        *data_args, "norm=group", "norm.groups=5", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'b'}"
+    )
     assert groups.returncode == 2
     assert "norm.groups=5 does not divide the 16 channels of layer 'stem'" in groups.stdout + groups.stderr
     assert "Traceback" not in groups.stdout + groups.stderr

@@ -283,8 +283,6 @@ def _drawn_lines(monkeypatch) -> dict[str, dict]:
     return drawn
 
 
-
-
 def test_a_swept_batch_size_gets_a_sensitivity_plot_one_line_per_norm_with_95_percent_intervals(
     tmp_path: Path, monkeypatch, recwarn
 ) -> None:

@@ -156,7 +156,9 @@ def test_the_plots_read_through_the_one_reader(redirected: Path, monkeypatch) ->
     assert hist["test_acc"].tolist() == [99.0, 99.0]
     seen = {}
     monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: seen.setdefault("titles", []).append(fig.get_suptitle()))
-    monkeypatch.setattr(plots, "_load_test_images", lambda *a: (np.zeros((20, 32, 32, 3), np.uint8), tuple("abcdefghij")))
+    monkeypatch.setattr(
+        plots, "_load_test_images", lambda *a: (np.zeros((20, 32, 32, 3), np.uint8), tuple("abcdefghij"))
+    )
     monkeypatch.setattr(plots, "plot_confusion", lambda job, out, classes: seen.setdefault("classes", classes))
     df = collect([redirected.parent])
     plots.write_plots(df, [redirected.parent], redirected.parent / "plots")

@@ -421,8 +421,10 @@ def test_the_new_holder_removes_temp_files_a_killed_writer_left_and_keeps_the_fi
     write_json(run_dir / "results.json", {"status": "running", "epochs_completed": 3})
     # A writer killed between mkstemp and the rename leaves a partial temp file (made here for real
     # by a process that is SIGKILLed while it writes one, its rename never reached).
-    code = ("import os, time; f = open(os.path.join(%r, '.results.json.abc123.tmp'), 'w'); f.write('{\"partial'); "
-            "f.flush(); print('written', flush=True); time.sleep(600)") % str(run_dir)
+    code = (
+        "import os, time; f = open(os.path.join(%r, '.results.json.abc123.tmp'), 'w'); f.write('{\"partial'); "
+        "f.flush(); print('written', flush=True); time.sleep(600)"
+    ) % str(run_dir)
     writer = warm_python.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "written"  # mid-write, however long the start took
     writer.kill()

@@ -23,8 +23,6 @@ def data_args(tmp_path_factory) -> list[str]:
     return [*small_data_args(tmp_path_factory), "trainer.epochs=1"]
 
 
-
-
 def results(sweep: Path) -> pd.DataFrame:
     return pd.read_csv(sweep / "results.csv")
 
@@ -38,7 +36,9 @@ def test_a_two_job_sweep_through_a_parallel_launcher_completes_and_is_collected(
     tmp_path: Path, data_args, launcher: str
 ) -> None:
     sweep = tmp_path / "sweep"
-    proc = normsweep_multirun(f"hydra/launcher={launcher}", "norm=batch,group", *data_args, f"hydra.sweep.dir={sweep}", wait=False)
+    proc = normsweep_multirun(
+        f"hydra/launcher={launcher}", "norm=batch,group", *data_args, f"hydra.sweep.dir={sweep}", wait=False
+    )
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-4000:]
     df = results(sweep)
@@ -60,7 +60,9 @@ def test_launcher_presets_are_checked_against_the_plugins_schemas() -> None:
 
     register_configs()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        slurm = compose("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+        slurm = compose(
+            "train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True
+        )
         assert slurm.hydra.launcher.partition == "gpu" and slurm.hydra.launcher.gpus_per_node == 1
         assert {"timeout_min", "mem_gb", "cpus_per_task"} <= set(slurm.hydra.launcher)
         with pytest.raises(Exception, match="n_job"):

@@ -76,7 +76,11 @@ def test_a_trial_is_told_from_its_own_record_only(tmp_path: Path, status, trial,
               status == "interrupted" else None, final_val_acc=80.0 if status == "completed" else None,
               final_test_acc=79.0).write(tmp_path)  # fmt: skip
     t = told(tmp_path, 5)
-    assert t.state.name == state and t.user_attrs.get("error", "").startswith(error or "") and (error or not t.user_attrs.get("error"))
+    assert (
+        t.state.name == state
+        and t.user_attrs.get("error", "").startswith(error or "")
+        and (error or not t.user_attrs.get("error"))
+    )
     if error and error.startswith("the job stopped"):
         assert t.user_attrs["error"].endswith(f"{tmp_path / 'normsweep.log'} says why")
 
@@ -107,7 +111,7 @@ State = optuna.trial.TrialState
 def test_search_completes_resumes_without_repeating_and_tops_up_to_n_trials(tmp_path: Path, data_args) -> None:
     first = search(tmp_path, data_args, "search.n_trials=3", "search.pruner=none")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    (name, trials), = studies(tmp_path).items()
+    ((name, trials),) = studies(tmp_path).items()
     assert name.startswith("normsweep-batch-") and [t.state for t in trials] == [State.COMPLETE] * 3
     # search.enqueue_current (on by default): trial 0 is what the command runs without a search
     recipe = compose_config(data_args)

@@ -59,18 +59,12 @@ State = optuna.trial.TrialState
 DIMS = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
 
 
-
-
-
-
-
-
-
-
 # ------------------------------------------------------------------ the worker loop, in-process
 
 
-def test_a_worker_serves_every_study_round_robin_from_its_own_and_stops_at_n_trials(tmp_path: Path, monkeypatch) -> None:
+def test_a_worker_serves_every_study_round_robin_from_its_own_and_stops_at_n_trials(
+    tmp_path: Path, monkeypatch
+) -> None:
     spec = f"journal:{tmp_path / 's.journal'}"
     storage = open_storage(spec)
     names = ["study-a", "study-b", "study-c"]
@@ -83,7 +77,9 @@ def test_a_worker_serves_every_study_round_robin_from_its_own_and_stops_at_n_tri
         study.tell(trial, trial.params["x"])
 
     monkeypatch.setattr(SearchWorker, "run_trial", run_trial)
-    config = OmegaConf.create({"search": {"n_trials": 2, "storage": spec}, "hydra": {"runtime": {"cwd": str(tmp_path)}}})
+    config = OmegaConf.create(
+        {"search": {"n_trials": 2, "storage": spec}, "hydra": {"runtime": {"cwd": str(tmp_path)}}}
+    )
     worker = SearchWorker(hydra_context=None, task_function=None, config=config, dims=DIMS,
                           pruner=optuna.pruners.NopPruner(), plans=[StudyPlan(n, ()) for n in names])  # fmt: skip
     done = worker.serve(index=4)  # worker 4 of a grid of 3 starts at study 4 % 3
@@ -127,13 +123,18 @@ def test_a_worker_logs_each_trial_s_start_with_its_parameters_and_its_outcome_wi
     assert f"validation {trials[3].value:.2f}%" in done
     assert f"4 of 4 finished (2 complete, 1 pruned, 1 failed), best {best.value:.2f}% (trial {best.number})" in done
     (pruned,) = [line for line in lines if line.startswith("study s: trial 1 pruned")]
-    assert "trial 1 pruned after epoch 3 (42.00%)" in pruned and "2 of 4 finished (1 complete, 1 pruned, 0 failed)" in pruned
+    assert (
+        "trial 1 pruned after epoch 3 (42.00%)" in pruned
+        and "2 of 4 finished (1 complete, 1 pruned, 0 failed)" in pruned
+    )
     assert any(line.startswith("study s: trial 2 failed (RuntimeError: loss is nan)") for line in lines)
 
 
 def test_a_worker_that_cannot_see_the_storage_file_says_so_naming_search_storage(tmp_path: Path) -> None:
     missing = f"journal:{tmp_path / 'on-the-login-node' / 'study.journal'}"
-    with pytest.raises(SearchError, match=r"search.storage=journal:.*does not exist on .*login-node-1.*filesystem all nodes share"):
+    with pytest.raises(
+        SearchError, match=r"search.storage=journal:.*does not exist on .*login-node-1.*filesystem all nodes share"
+    ):
         open_shared_storage(missing, sweeper_host="login-node-1")
     assert not (tmp_path / "on-the-login-node").exists()  # nothing created where the worker runs
     # A file at the same path that is not the sweeper's (a node-local disk): the study is not in it.
@@ -156,7 +157,11 @@ def test_a_stopped_trial_frees_its_slot_and_its_parameters_run_again_in_its_job_
 
     free_slot(study, study._storage.get_trial(first._trial_id), "worker stopped (SIGTERM)")
     stopped = study._storage.get_trial(first._trial_id)
-    assert stopped.state == State.FAIL and not uses_slot(stopped) and stopped.user_attrs["error"] == "worker stopped (SIGTERM)"
+    assert (
+        stopped.state == State.FAIL
+        and not uses_slot(stopped)
+        and stopped.user_attrs["error"] == "worker stopped (SIGTERM)"
+    )
     retry = take_trial(study, spec, cfg, DIMS)  # the freed slot, with the stopped trial's parameters
     assert retry is not None and retry.number not in (first.number, second.number)
     assert retry.params == first.params and retry.user_attrs["retry_of"] == first.number
@@ -205,7 +210,10 @@ def test_a_retry_does_not_take_a_checkpoint_of_another_config_or_one_an_attempt_
     completed = attempt(tmp_path / "C" / "trial_0", "completed", None)
     with caplog.at_level("INFO", logger="normsweep.search.worker"):
         carry_checkpoint([str(completed)], job, 3, None)
-    assert not job.exists() and "completed, but its worker stopped before telling the study: it trains again" in caplog.text
+    assert (
+        not job.exists()
+        and "completed, but its worker stopped before telling the study: it trains again" in caplog.text
+    )
 
 
 def test_a_retry_of_a_retry_knows_every_earlier_attempt_s_job_directory_newest_first(tmp_path: Path) -> None:
@@ -328,7 +336,9 @@ def test_a_sigterm_d_worker_frees_its_trial_and_the_command_resumes_every_trial_
     # The other worker's trial (RUNNING, its worker gone) goes stale once search.grace_period has passed.
     other = trials[running[1].number]
     if other.state == State.RUNNING:
-        wait_for(lambda: time.time() - other.system_attrs[HEARTBEAT_ATTR] > 8, 60, "the dead worker's trial to go stale")
+        wait_for(
+            lambda: time.time() - other.system_attrs[HEARTBEAT_ATTR] > 8, 60, "the dead worker's trial to go stale"
+        )
     # The same command, but in another sweep dir (as a plain re-run gets: the default one is timestamped).
     again = normsweep_multirun(*[a.replace(str(tmp_path / "sweep"), str(tmp_path / "sweep2")) for a in args])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -342,5 +352,7 @@ def test_a_sigterm_d_worker_frees_its_trial_and_the_command_resumes_every_trial_
         assert res["status"] == "completed" and [e["epoch"] for e in res["history"]] == list(range(1, 21))
         assert sorted(retry.intermediate_values) == list(range(1, 21))  # its checkpoint's epochs, then its own
         first_dir = tmp_path / "sweep" / stopped.user_attrs[JOB_SUBDIR_ATTR]  # the first attempt's, left as it was
-        assert (first_dir / "checkpoint.pt").exists() and json.loads((first_dir / "results.json").read_text())["status"] != "completed"
+        assert (first_dir / "checkpoint.pt").exists() and json.loads((first_dir / "results.json").read_text())[
+            "status"
+        ] != "completed"
     assert set(pd.read_csv(tmp_path / "sweep2" / "results.csv")["status"]) == {"completed"}  # the new table is whole

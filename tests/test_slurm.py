@@ -49,7 +49,9 @@ def slurm():
     if missing:
         pytest.skip(f"{', '.join(missing)} not found; {INSTALL_HINT}")
     if os.geteuid() != 0:
-        pytest.skip("the private Slurm runs its daemons as root (SlurmUser=root, MariaDB as the mysql user): run as root, as CI does")
+        pytest.skip(
+            "the private Slurm runs its daemons as root (SlurmUser=root, MariaDB as the mysql user): run as root, as CI does"
+        )
     cluster = PrivateSlurm().start()
     yield cluster
     cluster.stop()
@@ -89,7 +91,10 @@ def test_a_three_norm_sweep_runs_as_array_tasks_and_is_tabled(slurm: PrivateSlur
 
 def _history(job_dir: Path) -> list[dict]:
     """Each epoch's numbers, without its wall-clock time."""
-    return [{k: v for k, v in e.items() if k != "seconds"} for e in json.loads((job_dir / "results.json").read_text())["history"]]
+    return [
+        {k: v for k, v in e.items() if k != "seconds"}
+        for e in json.loads((job_dir / "results.json").read_text())["history"]
+    ]
 
 
 def _minutes(elapsed: str) -> int:
@@ -126,7 +131,10 @@ def test_a_run_requeued_or_at_its_time_limit_resumes_to_the_numbers_of_an_uninte
     pytest.importorskip(tracker)
     epochs, uri = 4, f"sqlite:///{tmp_path / 'mlruns.db'}"
     run_args = ["norm=batch", f"trainer.epochs={epochs}", *data_args]
-    tracking = [f"logger={tracker}", *([f"logger.tracking_uri={uri}", "logger.experiment=requeue"] if tracker == "mlflow" else [])]
+    tracking = [
+        f"logger={tracker}",
+        *([f"logger.tracking_uri={uri}", "logger.experiment=requeue"] if tracker == "mlflow" else []),
+    ]
     # The job parks in epoch 3's first step (progress, not time): stopped there whatever the machine's speed.
     # Its second start trains 2 epochs only, so it never reaches that step again.
     shim = crash_injector.injector_dir(tmp_path)
@@ -223,14 +231,20 @@ def test_a_cancelled_and_a_killed_worker_s_trials_run_again_from_their_checkpoin
     assert trials[cancelled.number].state == State.FAIL and not uses_slot(trials[cancelled.number])
     assert "worker stopped (RunInterrupted: stopped by signal SIGTERM)" in trials[cancelled.number].user_attrs["error"]
     assert trials[killed.number].state == State.RUNNING  # nobody told the study
-    wait_for(lambda: time.time() - trials[killed.number].system_attrs[HEARTBEAT_ATTR] > 8, 60, "the killed worker's trial stale")
+    wait_for(
+        lambda: time.time() - trials[killed.number].system_attrs[HEARTBEAT_ATTR] > 8,
+        60,
+        "the killed worker's trial stale",
+    )
 
     again = submit(slurm, *args)  # the same command
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     trials = {t.number: t for t in all_trials(spec)}
     assert trials[killed.number].state == State.FAIL and "presumed dead" in trials[killed.number].user_attrs["error"]
     counted = [t for t in trials.values() if uses_slot(t)]
-    assert len(counted) == 3 and all(t.state == State.COMPLETE for t in counted), [(t.number, t.state) for t in trials.values()]
+    assert len(counted) == 3 and all(t.state == State.COMPLETE for t in counted), [
+        (t.number, t.state) for t in trials.values()
+    ]
     for stopped in (cancelled, killed):
         assert check_retried_from_checkpoint(trials, stopped, tmp_path / "sweep") in counted
 
@@ -251,7 +265,9 @@ def test_a_requeued_worker_frees_its_trial_comes_back_and_the_same_command_finis
         assert first.poll() is None, log.read_text()[-3000:] + slurm.logs()
         return True
 
-    wait_for(lambda: alive() and len(list(shim.glob("parked.*"))) == 2, 300, "both workers held in their third epoch", 0.1)
+    wait_for(
+        lambda: alive() and len(list(shim.glob("parked.*"))) == 2, 300, "both workers held in their third epoch", 0.1
+    )
     running = [t for t in all_trials(spec) if t.state == State.RUNNING]
     assert len(running) == 2 and all(len(t.intermediate_values) == 2 for t in running), running
     requeued = running[0]
@@ -260,7 +276,9 @@ def test_a_requeued_worker_frees_its_trial_comes_back_and_the_same_command_finis
     wait_for(lambda: alive() and [t for t in all_trials(spec) if t.number == requeued.number and t.state == State.FAIL],
              120, "the requeued worker's trial failed and its slot freed")  # fmt: skip
     crash_injector.release(shim)  # the other worker goes on; the requeued one comes back (it would not hold again)
-    wait_for(lambda: alive() and [j for j in slurm.queue() if j["state"] == "PENDING"], 180, "the requeued worker pending")
+    wait_for(
+        lambda: alive() and [j for j in slurm.queue() if j["state"] == "PENDING"], 180, "the requeued worker pending"
+    )
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     first.wait(timeout=600)
     output = log.read_text()
@@ -269,7 +287,9 @@ def test_a_requeued_worker_frees_its_trial_comes_back_and_the_same_command_finis
     trials = {t.number: t for t in all_trials(spec)}
     assert "worker stopped (RunInterrupted: stopped by signal SIGTERM)" in trials[requeued.number].user_attrs["error"]
     counted = [t for t in trials.values() if uses_slot(t)]
-    assert len(counted) == 3 and all(t.state == State.COMPLETE for t in counted), [(t.number, t.state) for t in trials.values()]
+    assert len(counted) == 3 and all(t.state == State.COMPLETE for t in counted), [
+        (t.number, t.state) for t in trials.values()
+    ]
     check_retried_from_checkpoint(trials, requeued, tmp_path / "sweep")
     states = slurm.run("sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", job).stdout.split()
     assert f"{job}|REQUEUED" in states and f"{job}|COMPLETED" in states, states  # it ran again and ended cleanly

@@ -110,8 +110,6 @@ def test_hedges_g_and_its_interval_are_the_textbook_formulas() -> None:
     assert all(math.isnan(v) for v in hedges_g([80.0, 80.0], [79.0, 79.0]).values())  # no spread: undefined
 
 
-
-
 @pytest.mark.parametrize("diff,std,alpha", [(0.23, 0.47, 0.05), (1.0, 1.0, 0.05), (0.18, 0.29, 0.05 / 3),
                                             (12.5, 2.2, 0.05 / 231), (4.8, 1.6, 0.05 / 231)])  # fmt: skip
 def test_seeds_needed_is_the_least_n_whose_t_test_reaches_80_percent_power(diff, std, alpha) -> None:

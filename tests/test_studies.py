@@ -22,7 +22,12 @@ def make_studies(path: Path) -> None:
     a = optuna.create_study(study_name="normsweep-batch-1", storage=storage, direction="maximize")
     a.set_user_attr("overrides", ["norm=batch"])
     a.enqueue_trial({"optimizer.lr": 0.2}, user_attrs={"enqueued": "current settings (search.enqueue_current)"})
-    for lr, value, state in [(0.2, 83.5, "COMPLETE"), (0.5, 81.0, "COMPLETE"), (0.05, None, "PRUNED"), (0.3, None, "FAIL")]:
+    for lr, value, state in [
+        (0.2, 83.5, "COMPLETE"),
+        (0.5, 81.0, "COMPLETE"),
+        (0.05, None, "PRUNED"),
+        (0.3, None, "FAIL"),
+    ]:
         t = a.ask({"optimizer.lr": LR})
         assert t.params["optimizer.lr"] == lr or t.number > 0
         for epoch in (1, 2):
@@ -52,7 +57,9 @@ def test_show_reads_every_study_and_trial_writes_the_files_and_changes_nothing(t
     out = done.stdout
     assert "| normsweep-batch-1 | norm=batch | optimizer.lr=0.2 | 83.50 | 82.50 | 2 / 1 / 1 |" in out
     assert "| normsweep-layer-2 | — | — | — | — | 0 / 0 / 0 |" in out
-    rows = {line.split(" | ")[0] + " | " + line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| ")}
+    rows = {
+        line.split(" | ")[0] + " | " + line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| ")
+    }
     assert "current settings (search.enqueue_current)" in rows["| 0 | COMPLETE"]
     assert "FloatingPointError: loss is nan / at step 3" in rows["| 3 | FAIL"]  # a | in an error keeps the table
     assert "retry of 3" in rows["| 4 | WAITING"] and "| 2 | PRUNED" in rows and "| 0 | RUNNING" in rows

@@ -62,7 +62,10 @@ def history(job: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     "kind,modules",
-    [("tensorboard", ["tensorboard", "torch.utils.tensorboard"]), ("mlflow", ["mlflow", "mlflow.entities", "mlflow.tracking"])],
+    [
+        ("tensorboard", ["tensorboard", "torch.utils.tensorboard"]),
+        ("mlflow", ["mlflow", "mlflow.entities", "mlflow.tracking"]),
+    ],
 )
 def test_a_missing_package_stops_the_run_at_start_naming_the_extra(kind, modules, tmp_path, monkeypatch) -> None:
     from hydra import compose, initialize_config_dir
@@ -106,10 +109,6 @@ def test_logger_keys_of_another_logger_are_rejected_naming_the_key() -> None:
 # ---------------------------------------------------------------------------- TensorBoard
 
 
-
-
-
-
 def f32(x: float) -> float:
     return float(np.float32(x))  # TensorBoard stores scalars as float32
 
@@ -120,7 +119,9 @@ def test_tensorboard_logs_every_epoch_of_every_job_of_a_sweep(tmp_path: Path, da
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 
     sweep = tmp_path / "sweep"
-    proc = cli("-m", "norm=batch,layer", "logger=tensorboard", "trainer.epochs=2", *data_args, f"hydra.sweep.dir={sweep}")
+    proc = cli(
+        "-m", "norm=batch,layer", "logger=tensorboard", "trainer.epochs=2", *data_args, f"hydra.sweep.dir={sweep}"
+    )
     assert proc.returncode == 0, output(proc)
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
     assert len(jobs) == 2
@@ -265,12 +266,10 @@ def test_mlflow_one_run_per_job_resumed_after_sigterm_with_every_epoch_once(tmp_
 # ---------------------------------------------------------------------------- optuna-dashboard
 
 
-
-
-
-
 @pytest.mark.slow
-def test_optuna_dashboard_shows_a_cli_study_with_complete_failed_and_pruned_trials(tmp_path: Path, tmp_path_factory) -> None:
+def test_optuna_dashboard_shows_a_cli_study_with_complete_failed_and_pruned_trials(
+    tmp_path: Path, tmp_path_factory
+) -> None:
     pytest.importorskip("optuna_dashboard")
     import optuna
 
@@ -282,7 +281,13 @@ def test_optuna_dashboard_shows_a_cli_study_with_complete_failed_and_pruned_tria
     ok = cli(*base, "search.n_trials=1", "trainer.epochs=1", "search.pruner=none", f"hydra.sweep.dir={tmp_path / 's1'}")
     assert ok.returncode == 0, output(ok)
     # label smoothing >= 1 is rejected when the job starts: that trial fails.
-    cli(*base, "search.n_trials=2", "trainer.epochs=1", "trainer.label_smoothing=1.5", f"hydra.sweep.dir={tmp_path / 's2'}")
+    cli(
+        *base,
+        "search.n_trials=2",
+        "trainer.epochs=1",
+        "trainer.label_smoothing=1.5",
+        f"hydra.sweep.dir={tmp_path / 's2'}",
+    )
     # a pruner that prunes anything: that trial is pruned after epoch 1 of 2 (never after its last).
     cli(*base, "search.n_trials=3", "trainer.epochs=2", "search.pruner=threshold", "search.prune_below=101",
         f"hydra.sweep.dir={tmp_path / 's3'}")  # fmt: skip

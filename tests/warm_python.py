@@ -51,7 +51,9 @@ IMPORT_TIME_ENV = re.compile(r"^(OMP_|MKL_|KMP_|GOMP_|OPENBLAS_|TORCH|CUDA|LD_|P
 COLD = "NORMSWEEP_TEST_COLD"
 _HEADER = struct.Struct("!Q")  # the request's length, sent with the three file descriptors
 
-_SERVER_CODE = "import sys; sys.path.insert(0, sys.argv[3]); import warm_python; warm_python.serve(sys.argv[1], sys.argv[2])"
+_SERVER_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[3]); import warm_python; warm_python.serve(sys.argv[1], sys.argv[2])"
+)
 
 
 def serve(socket_path: str, preload: str) -> None:

@@ -57,8 +57,7 @@ def sweep_curves(sweep_dir: str) -> dict[str, list[Curve]]:
     for job in find_jobs(Path(sweep_dir)):
         run = RunRecord.read(job)
         if run.status == "completed" and run.history:
-            groups[f"{sweep_dir}: {run.norm}, {run.epochs} epochs"].append(
-                {e.epoch: e.val_acc for e in run.history})
+            groups[f"{sweep_dir}: {run.norm}, {run.epochs} epochs"].append({e.epoch: e.val_acc for e in run.history})
     return dict(groups)
 
 

@@ -70,7 +70,8 @@ def mlflow(uri: str, experiment: str, out: Path) -> None:
         })  # fmt: skip
     (out / "mlflow_runs.md").write_text(
         f"Experiment `{experiment}` in `{uri}`, read back with `MlflowClient`:\n\n"
-        + pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n"  # params as MLflow holds them
+        + pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+        + "\n"  # params as MLflow holds them
     )
 
 
@@ -100,7 +101,8 @@ def dashboard(storage: str, out: Path) -> None:
         })  # fmt: skip
     (out / "optuna_dashboard.md").write_text(
         f"`optuna-dashboard {storage}`, read back through its WSGI app (`/api/studies`, `/api/studies/<id>`):\n\n"
-        + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f") + "\n"
+        + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f")
+        + "\n"
     )
 
 

@@ -85,7 +85,9 @@ SECRET_ENDINGS = ("password", "passwd", "passphrase", "secret", "token", "creden
 SECRET_PAIRS = {("api", "key"), ("access", "key"), ("private", "key")}
 _WORD_SPLIT = re.compile(r"[_\-.\s]+|(?<=[a-z0-9])(?=[A-Z])")
 # name=value (a URL's query parameter, an override, a log line) or "name: value"; the value runs to a separator
-_NAMED_VALUE = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_.\-]*)(?P<sep>=|: )(?=(?P<value>\$\{[^}]*\}|[^\s&;,'\"\]\)}]+))")
+_NAMED_VALUE = re.compile(
+    r"(?P<name>[A-Za-z_][A-Za-z0-9_.\-]*)(?P<sep>=|: )(?=(?P<value>\$\{[^}]*\}|[^\s&;,'\"\]\)}]+))"
+)
 
 
 def is_secret_name(name: str) -> bool:
@@ -168,7 +170,9 @@ class InlinePassword(ConfigError):
 def _advice(key: str, value: str) -> str:
     """Where the secret of ``key`` goes instead of the config."""
     if key.startswith("hydra.job.env_set."):
-        return f"{key} -> set the environment variable {key.rsplit('.', 1)[1]} in the shell that starts normsweep instead"
+        return (
+            f"{key} -> set the environment variable {key.rsplit('.', 1)[1]} in the shell that starts normsweep instead"
+        )
     if value == MASK:
         return (f"{key} -> an interpolation, {key}='${{oc.env:MY_SECRET}}' with MY_SECRET in the environment "
                 f"(resolved only where it is used, recorded as written)")  # fmt: skip

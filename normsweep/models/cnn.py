@@ -94,9 +94,7 @@ class ConvNormAct(nn.Sequential):
 class ResidualStage(nn.Module):
     """conv -> pool -> norm -> ReLU, then an optional residual block of ``depth`` convs."""
 
-    def __init__(
-        self, c_in: int, c_out: int, depth: int, norm: NormAct, dropout: float, name: str, ws: bool = False
-    ):
+    def __init__(self, c_in: int, c_out: int, depth: int, norm: NormAct, dropout: float, name: str, ws: bool = False):
         super().__init__()
         self.down = ConvNormAct(c_in, c_out, norm, f"{name}.down", pool=True, ws=ws)
         self.res = nn.Sequential(*[ConvNormAct(c_out, c_out, norm, f"{name}.res{i}", ws=ws) for i in range(depth)])
@@ -134,9 +132,7 @@ class ResNet(nn.Module):
                 for i in range(len(depths))
             ]
         )
-        self.head = nn.Sequential(
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes, bias=False)
-        )
+        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
@@ -168,4 +164,3 @@ class StudyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-

@@ -65,7 +65,9 @@ BATCH_RENORM_OPTIONS = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_
 # norm.kind -> its layer. The order is the plots' colour order.
 NORMS: Registry[Norm] = Registry("norm.kind")
 NORMS.register("batch", Norm(lambda c, s, where: nn.BatchNorm2d(c), batch_statistics=True))
-NORMS.register("group", Norm(lambda c, s, where: nn.GroupNorm(_groups(c, s.groups, where, "GroupNorm"), c), grouped=True))
+NORMS.register(
+    "group", Norm(lambda c, s, where: nn.GroupNorm(_groups(c, s.groups, where, "GroupNorm"), c), grouped=True)
+)
 NORMS.register("layer", Norm(lambda c, s, where: nn.GroupNorm(1, c)))  # LayerNorm over (C, H, W), per-channel affine
 NORMS.register("instance", Norm(lambda c, s, where: nn.GroupNorm(c, c)))  # InstanceNorm with per-channel affine
 NORMS.register("none", Norm(lambda c, s, where: nn.Identity()))

@@ -64,7 +64,9 @@ def check_budget(cfg: Config, params: int, num_classes: int = 10) -> None:
     if not b.enforce:
         return
     if params > b.max_params:
-        counted = "" if num_classes <= BUDGET_CLASSES else f" with a 10-class head instead of its {num_classes} classes'"
+        counted = (
+            "" if num_classes <= BUDGET_CLASSES else f" with a 10-class head instead of its {num_classes} classes'"
+        )
         raise BudgetError(
             f"the model has {params:,} parameters{counted}, over budget.max_params={b.max_params:,}; "
             f"choose a smaller model (model.widths) or pass budget=none (or budget.enforce=false) to go beyond on purpose"

@@ -31,23 +31,16 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
-from normsweep.base import credentials
-
-from normsweep.run import recipes
-
-from normsweep.base import results
-
-from normsweep.run import trackers
-
-from normsweep.run import trial_hook
+from normsweep.base import credentials, results
+from normsweep.base.results import RunRecord
+from normsweep.base.runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
+from normsweep.base.signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
 from normsweep.config import Config, ConfigError, NormsweepError, to_config
 from normsweep.data import DataInfo, Splits, load_raw, make_splits
 from normsweep.models import count_params
+from normsweep.run import recipes, trackers, trial_hook
 from normsweep.run.build import budget_params, check_budget, model_from_config
-from normsweep.base.results import RunRecord
 from normsweep.run.resume import CheckpointError, load_checkpoint, previous_result, resume_hint
-from normsweep.base.runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
-from normsweep.base.signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
 from normsweep.run.train import EpochStats, accuracy, predict, prepare_eval, train
 
 log = logging.getLogger(__name__)
@@ -251,7 +244,9 @@ def _use_machine(cfg: Config, record: RunRecord) -> tuple[torch.device, bool]:
     device = resolve_device(cfg.trainer.device)
     if device.type == "cpu" and cfg.trainer.reuse_memory:
         keep_freed_memory()  # no page faults for every large activation (runtime.keep_freed_memory)
-    record.device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    record.device = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
     record.bf16 = use_bf16(cfg.trainer.bf16, device)
     return device, record.bf16
 

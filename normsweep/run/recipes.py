@@ -87,7 +87,9 @@ def warn_recipe_conflicts(cfg: DictConfig, overrides: Sequence[str], choices: di
     try:
         lines = recipe_conflicts(cfg, overrides, choices, lambda ov: compose(config_name=name, overrides=ov))
     except Exception as e:  # noqa: BLE001 - a warning must never stop a run
-        log.info("could not compare the %s recipe with the config groups chosen (%s): not checked", choices["recipe"], e)
+        log.info(
+            "could not compare the %s recipe with the config groups chosen (%s): not checked", choices["recipe"], e
+        )
         return
     if lines:
         recipe = choices["recipe"]

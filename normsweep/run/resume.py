@@ -19,8 +19,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from normsweep.base.results import (
+    RESULTS_FILE,
+    TRAINING_STATE_FILE,
+    EpochRecord,
+    RunRecord,
+    UnsafeFileError,
+    load_torch,
+    save_torch,
+)
 from normsweep.config import NormsweepError, dotted, is_result_neutral, schema_defaults
-from normsweep.base.results import RESULTS_FILE, TRAINING_STATE_FILE, EpochRecord, RunRecord, UnsafeFileError, load_torch, save_torch
 
 CHECKPOINT_VERSION = 1
 
@@ -30,7 +38,13 @@ class CheckpointError(NormsweepError, RuntimeError):
 
 
 def save_checkpoint(
-    path: Path, model, opt, sched, gen: torch.Generator, history: list[EpochRecord], config: dict,
+    path: Path,
+    model,
+    opt,
+    sched,
+    gen: torch.Generator,
+    history: list[EpochRecord],
+    config: dict,
     ema: Any = None,
 ) -> None:
     """Everything needed to continue training exactly where it stopped, written atomically.

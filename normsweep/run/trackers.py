@@ -34,10 +34,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from normsweep.base.registry import choice
-from normsweep.config import LoggerConfig, LoggerKind, NormsweepError, dotted
 from normsweep.base.credentials import redact, redact_logs
+from normsweep.base.registry import choice
 from normsweep.base.results import RESULTS_FILE, SUMMARY_FILE, TRAINING_STATE_FILE, EpochRecord, write_json
+from normsweep.config import LoggerConfig, LoggerKind, NormsweepError, dotted
 from normsweep.run.train import EpochStats
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,9 @@ class TensorBoardTracker(Tracker):
             if record.get("status") == "completed":
                 metrics = {f"final/{k}": float(record[k]) for k in FINAL_METRICS if record.get(k) is not None}
                 # run_name="." keeps the HParams entry in this run's directory, beside its scalars.
-                self.writer.add_hparams(flatten(self.config), metrics, run_name=".", global_step=record["epochs_completed"])
+                self.writer.add_hparams(
+                    flatten(self.config), metrics, run_name=".", global_step=record["epochs_completed"]
+                )
                 summary = next((f for f in files if f.name == SUMMARY_FILE), None)
                 if summary is not None:
                     self.writer.add_text("model_summary", "```\n" + summary.read_text() + "\n```")
@@ -352,10 +354,16 @@ class MLflowTracker(Tracker):
         try:
             step, now = int(record.get("epochs_completed") or 0), int(time.time() * 1000)
             metrics = [Metric(k, float(record[k]), now, step) for k in FINAL_METRICS if record.get(k) is not None]
-            tags = [RunTag("status", status)] + ([RunTag("error", str(record["error"])[:5000])] if record.get("error") else [])
+            tags = [RunTag("status", status)] + (
+                [RunTag("error", str(record["error"])[:5000])] if record.get("error") else []
+            )
             self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
             for f in files:
-                rel = f.resolve().parent.relative_to(self.out.resolve()) if f.resolve().is_relative_to(self.out.resolve()) else None
+                rel = (
+                    f.resolve().parent.relative_to(self.out.resolve())
+                    if f.resolve().is_relative_to(self.out.resolve())
+                    else None
+                )
                 self.client.log_artifact(self.run_id, str(f), None if rel in (None, Path(".")) else rel.as_posix())
             if status == "completed":
                 self._log_confusion(record)
@@ -364,8 +372,8 @@ class MLflowTracker(Tracker):
 
     def _log_confusion(self, record: dict) -> None:
         """The run's test confusion matrix (from its saved predictions) as ``plots/confusion.png``."""
-        from normsweep.report.plots import plot_confusion
         from normsweep.base.results import PREDICTIONS_FILE
+        from normsweep.report.plots import plot_confusion
 
         if not (self.out / PREDICTIONS_FILE).exists() or not record.get("classes"):
             return

@@ -21,13 +21,13 @@ from torch import nn
 from tqdm import tqdm
 
 from normsweep.base.registry import choice
-from normsweep.run.optim import OPTIMIZERS, SCHEDULERS
-from normsweep.run.augment import augment_batch, normalize, to_float
+from normsweep.base.results import EpochRecord
+from normsweep.base.runtime import autocast, use_bf16
 from normsweep.config import AugmentConfig, Config, NormsweepError, OptimizerConfig, SchedulerConfig, TrainerConfig
 from normsweep.data import DataInfo, Split, Splits
-from normsweep.base.results import EpochRecord
+from normsweep.run.augment import augment_batch, normalize, to_float
+from normsweep.run.optim import OPTIMIZERS, SCHEDULERS
 from normsweep.run.resume import CheckpointError, load_checkpoint, save_checkpoint
-from normsweep.base.runtime import autocast, use_bf16
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterator, Optional
 from optuna.storages import JournalStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend, JournalFileSymlinkLock
 
-from normsweep.search.internals import journal_operations, study_id, trial_id
 from normsweep.base.errors import NormsweepError
+from normsweep.search.internals import journal_operations, study_id, trial_id
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,9 @@ def repair(path: Path, say: Callable[[str], None] = print) -> Optional[Path]:
     records are written to a temporary file, replayed through Optuna's own reader, and the file is
     renamed onto ``path``. A journal with nothing to drop is left untouched (returns None).
     """
-    from normsweep.base.results import atomic_write  # brings torch: imported here, not by every search that opens a journal
+    from normsweep.base.results import (
+        atomic_write,  # brings torch: imported here, not by every search that opens a journal
+    )
 
     path = Path(path)
     if not path.is_file():

@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 from normsweep.base.credentials import redact
 from normsweep.base.errors import NormsweepError
 from normsweep.base.results import atomic_write, write_text
-from normsweep.search.trials import FINISHED, JOB_DIR_ATTR
 from normsweep.search.storage import open_storage, resolve_storage, storage_file
+from normsweep.search.trials import FINISHED, JOB_DIR_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def write_optuna_plots(study: optuna.Study, out: Path) -> list[Path]:
                 fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
                 fig.tight_layout()
             # atomic: two search processes that share a storage may write these at the same time
-            atomic_write(out / f"{name}.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+            atomic_write(out / f"{name}.png", lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
             plt.close(fig)
             written.append(out / f"{name}.png")
         except Exception as e:  # e.g. importances need >1 completed trial and >1 distinct value
@@ -126,7 +126,9 @@ def write_studies(studies: list[optuna.Study], out: Path, trials: bool = True) -
         write_optuna_plots(study, out / "optuna" / study.study_name)
     lines = write_summary([study_summary(s) for s in studies], out)
     if trials:
-        write_text(out / "trials.md", "\n".join(["# Every trial", ""] + [r for s in studies for r in trials_markdown(s)]))
+        write_text(
+            out / "trials.md", "\n".join(["# Every trial", ""] + [r for s in studies for r in trials_markdown(s)])
+        )
     return lines
 
 

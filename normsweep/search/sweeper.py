@@ -25,8 +25,10 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
 from normsweep.base.errors import one_line
-from normsweep.search.internals import basic_launcher_class, job_error
 from normsweep.config import SearchConfig
+from normsweep.search.internals import basic_launcher_class, job_error
+from normsweep.search.storage import open_storage, resolve_storage
+from normsweep.search.studies import study_summary, write_studies
 from normsweep.search.trials import (
     SearchError,
     current_values,
@@ -38,8 +40,6 @@ from normsweep.search.trials import (
     to_distribution,
     uses_slot,
 )
-from normsweep.search.storage import open_storage, resolve_storage
-from normsweep.search.studies import study_summary, write_studies
 from normsweep.search.worker import SearchWorker, StudyPlan
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class OptunaSweeper(Sweeper):
             job_config = self.hydra_context.config_loader.load_sweep_config(self.config, fixed + point)
             enqueue_current(study, spec, current_values(job_config, dims))
         done = sum(uses_slot(t) for t in study.get_trials(deepcopy=False))
-        log.info("study %s: %d of %d trials taken; up to %d to run", name, done, cfg.n_trials, max(0, cfg.n_trials - done))
+        log.info(
+            "study %s: %d of %d trials taken; up to %d to run", name, done, cfg.n_trials, max(0, cfg.n_trials - done)
+        )
 
     def _worker_launcher(self, worker, n: int):
         """The configured launcher, set up to run ``worker`` as its jobs; one that cannot run ``n`` at once is refused."""

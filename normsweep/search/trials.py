@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import logging
+import math
 import os
 import socket
 import threading
@@ -29,13 +29,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-from normsweep.search.internals import study_storage, trial_id
-from normsweep.config import NormsweepError, SearchConfig, is_result_neutral
 from normsweep.base.registry import choice
+from normsweep.config import NormsweepError, SearchConfig, is_result_neutral
+from normsweep.search.internals import study_storage, trial_id
 from normsweep.search.pruners import PRUNERS
 from normsweep.search.storage import trial_slot_lock
 
 log = logging.getLogger(__name__)
+
 
 class SearchError(NormsweepError, ValueError):
     pass

@@ -35,20 +35,28 @@ from hydra.core.utils import JobStatus, configure_log, run_job
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from normsweep.base.errors import one_line
-from normsweep.search.internals import job_error, study_storage, trial_id
-from normsweep.run import trial_hook
-from normsweep.config import SearchConfig, register_configs
 from normsweep.base.credentials import recorded_config
+from normsweep.base.errors import one_line
 from normsweep.base.results import RESULTS_FILE, TRAINING_STATE_FILE, RunRecord, atomic_write
-from normsweep.run.resume import config_differences
-from normsweep.search.trials import (
-    EARLIER_JOB_DIRS_ATTR, JOB_DIR_ATTR, JOB_SUBDIR_ATTR, SearchError, free_slot, heartbeat, job_subdir, search_config,
-    take_trial, uses_slot,
-)
 from normsweep.base.signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
+from normsweep.config import SearchConfig, register_configs
+from normsweep.run import trial_hook
+from normsweep.run.resume import config_differences
+from normsweep.search.internals import job_error, study_storage, trial_id
 from normsweep.search.storage import open_storage, resolve_storage, storage_file, trial_slot_lock
 from normsweep.search.studies import fmt_value, study_summary
+from normsweep.search.trials import (
+    EARLIER_JOB_DIRS_ATTR,
+    JOB_DIR_ATTR,
+    JOB_SUBDIR_ATTR,
+    SearchError,
+    free_slot,
+    heartbeat,
+    job_subdir,
+    search_config,
+    take_trial,
+    uses_slot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +130,9 @@ def carry_checkpoint(earlier: list[str], job_dir: Path, trial_number: int, confi
         if source.resolve() == job_dir.resolve():
             continue
         if not source.is_dir():
-            log.info("trial %d: the job directory of its earlier attempt, %s, is not visible here", trial_number, source)
+            log.info(
+                "trial %d: the job directory of its earlier attempt, %s, is not visible here", trial_number, source
+            )
             continue
         record = _readable_record(source)
         if not (source / TRAINING_STATE_FILE).is_file():
@@ -211,9 +221,11 @@ def progress(study: optuna.Study, number: int, n_trials: int, seconds: float) ->
     finished = count["COMPLETE"] + count["PRUNED"] + count["FAIL"] - retried
     best = (f"best {summary['best_val_acc']:.2f}% (trial {summary['best_trial']})" if "best_trial" in summary
             else "no trial complete yet")  # fmt: skip
-    return (f"study {study.study_name}: trial {number} {outcome} in {seconds:.0f} s; {finished} of {n_trials} "
-            f"finished ({count['COMPLETE']} complete, {count['PRUNED']} pruned, {count['FAIL'] - retried} failed"
-            f"{f', {retried} more stopped and retried' if retried else ''}), {best}")
+    return (
+        f"study {study.study_name}: trial {number} {outcome} in {seconds:.0f} s; {finished} of {n_trials} "
+        f"finished ({count['COMPLETE']} complete, {count['PRUNED']} pruned, {count['FAIL'] - retried} failed"
+        f"{f', {retried} more stopped and retried' if retried else ''}), {best}"
+    )
 
 
 class SearchWorker:
@@ -278,7 +290,9 @@ class SearchWorker:
                  total - busy)  # fmt: skip
         return {"worker": index, "trials": len(ran), "seconds": total, "seconds_outside_trials": total - busy}
 
-    def run_trial(self, study: optuna.Study, trial: optuna.Trial, plan: StudyPlan, cfg: SearchConfig, spec: str) -> None:
+    def run_trial(
+        self, study: optuna.Study, trial: optuna.Trial, plan: StudyPlan, cfg: SearchConfig, spec: str
+    ) -> None:
         """Run ``trial``'s job with pruning and heartbeats, and tell the study its outcome."""
         subdir = job_subdir(study, trial)
         trial.set_user_attr(JOB_SUBDIR_ATTR, subdir)
