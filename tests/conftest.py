@@ -383,3 +383,37 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(logdir), size_guidance={SCALARS: 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+class Killed(Exception):
+    """A run stopped by a test after its first epoch (:func:`assert_resume_matches_uninterrupted`)."""
+
+
+def assert_resume_matches_uninterrupted(cfg, splits, tmp_path: Path) -> Path:
+    """Train ``cfg`` straight through; train it again, killed after epoch 1 with its checkpoint saved, and resume
+    it from another seed (a fresh process: other weights and RNG). The resumed run must equal the straight one,
+    every epoch's numbers and every weight and buffer (running statistics, step counts). Returns the checkpoint."""
+    import torch
+
+    from normsweep.run.build import model_from_config
+    from normsweep.run.train import train
+
+    def die_after_first_epoch(history):
+        if len(history) == 1:
+            raise Killed
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    straight_model = model_from_config(cfg)
+    straight = train(straight_model, cfg, splits, cpu)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.manual_seed(0)
+    with pytest.raises(Killed):
+        train(model_from_config(cfg), cfg, splits, cpu, die_after_first_epoch, checkpoint=ckpt)
+    torch.manual_seed(99)  # the checkpoint, not the seed, restores the weights and the random state
+    resumed_model = model_from_config(cfg)
+    resumed = train(resumed_model, cfg, splits, cpu, checkpoint=ckpt)
+    assert [h.as_dict() | {"seconds": 0} for h in resumed] == [h.as_dict() | {"seconds": 0} for h in straight]
+    for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    return ckpt

@@ -30,7 +30,7 @@ from normsweep.models.swap import _swappable
 from normsweep.norms import NORMS
 from normsweep.run.build import BudgetError, check_budget, model_from_config
 
-from .conftest import REPO, make_cfg, normsweep_run
+from .conftest import REPO, assert_resume_matches_uninterrupted, make_cfg, normsweep_run
 
 tv = pytest.importorskip("torchvision.models")
 
@@ -368,29 +368,9 @@ def test_a_sweep_over_two_torchvision_models_and_three_norms_is_tabled_with_para
 @pytest.mark.parametrize("name,stem", [("resnet18", "false"), ("mobilenet_v3_small", "null")])
 def test_a_torchvision_model_resumes_exactly_like_an_uninterrupted_run(name, stem, folder_data, cache_dir, tmp_path):
     from normsweep.data import load_raw, make_splits
-    from normsweep.run.train import train
-
-    class Killed(Exception):
-        pass
-
-    def die_after_first_epoch(history):
-        if len(history) == 1:
-            raise Killed
 
     splits = make_splits(load_raw(folder_data, cache_dir=cache_dir), val_size=20)
     cfg = make_cfg("model=torchvision", f"model.name={name}", f"model.small_input_stem={stem}", "norm=group",
                    "budget=none", "trainer.epochs=2", "trainer.batch_size=25", "trainer.device=cpu",
                    "trainer.progress=false")  # fmt: skip
-    torch.manual_seed(0)
-    straight_model = model_from_config(cfg)
-    straight = train(straight_model, cfg, splits, torch.device("cpu"))
-    ckpt = tmp_path / "checkpoint.pt"
-    torch.manual_seed(0)
-    with pytest.raises(Killed):
-        train(model_from_config(cfg), cfg, splits, torch.device("cpu"), die_after_first_epoch, checkpoint=ckpt)
-    torch.manual_seed(99)  # the checkpoint, not the seed, restores the weights
-    resumed_model = model_from_config(cfg)
-    resumed = train(resumed_model, cfg, splits, torch.device("cpu"), checkpoint=ckpt)
-    assert [h.as_dict() | {"seconds": 0} for h in resumed] == [h.as_dict() | {"seconds": 0} for h in straight]
-    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values()):
-        assert torch.equal(a, b)
+    assert_resume_matches_uninterrupted(cfg, splits, tmp_path)

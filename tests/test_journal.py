@@ -224,7 +224,7 @@ def test_a_damaged_journal_is_refused_untouched_with_the_repair_command(tmp_path
 
 
 def repair(path: Path) -> subprocess.CompletedProcess:
-    return warm_python.run([sys.executable, "-m", "normsweep.search.storage", "repair", str(path)], cwd=REPO,
+    return warm_python.run([sys.executable, "-m", "normsweep.storage", "repair", str(path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from normsweep.run.build import model_from_config
 from normsweep.run.train import WeightEMA, accuracy, predict, prepare_eval, train
 from normsweep.search.trials import make_pruner
 
-from .conftest import make_cfg
+from .conftest import assert_resume_matches_uninterrupted, make_cfg
 
 TINY = ("trainer.batch_size=25", "trainer.device=cpu", "trainer.progress=false", "model.dropout=0.1")
 RESNET = dict(widths=[16, 24, 36, 56], depths=[1, 1, 0])
@@ -131,33 +131,11 @@ def test_flip_tta_predicts_the_class_of_the_mean_of_image_and_mirror_logits() ->
 # ------------------------------------------------------------------ resume with every lever on
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_reproduces_an_uninterrupted_run_with_ws_and_ema(splits, tmp_path: Path) -> None:
     cfg = make_cfg("trainer.epochs=3", "augment=seed", "norm=group", "norm.groups=2", "norm.ws=true",
                    "trainer.ema_decay=0.8", *TINY)  # fmt: skip
-    torch.manual_seed(0)
-    straight_model = model_from_config(cfg)
-    straight = train(straight_model, cfg, splits, torch.device("cpu"))
-
-    ckpt = tmp_path / "checkpoint.pt"
-
-    def die_after_first_epoch(history):
-        if len(history) == 1:
-            raise Killed
-
-    torch.manual_seed(0)
-    with pytest.raises(Killed):
-        train(model_from_config(cfg), cfg, splits, torch.device("cpu"), die_after_first_epoch, checkpoint=ckpt)
+    ckpt = assert_resume_matches_uninterrupted(cfg, splits, tmp_path)
     assert torch.load(ckpt, weights_only=True)["ema"]["updates"] > 0
-    torch.manual_seed(99)
-    resumed_model = model_from_config(cfg)
-    resumed = train(resumed_model, cfg, splits, torch.device("cpu"), checkpoint=ckpt)
-    assert [h.as_dict() | {"seconds": 0} for h in resumed] == [h.as_dict() | {"seconds": 0} for h in straight]
-    for a, b in zip(straight_model.state_dict().values(), resumed_model.state_dict().values()):
-        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------ pruners and config

@@ -17,10 +17,8 @@ from torch.func import functional_call
 from normsweep.data import load_raw, make_splits
 from normsweep.norms import NORMS, norm_layer
 from normsweep.norms.layers import BatchRenorm2d, EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTLU2d
-from normsweep.run.build import model_from_config
-from normsweep.run.train import train
 
-from .conftest import make_cfg
+from .conftest import assert_resume_matches_uninterrupted, make_cfg
 
 TINY = ("trainer.batch_size=25", "trainer.device=cpu", "trainer.progress=false", "model.dropout=0.1")
 
@@ -284,23 +282,4 @@ def test_training_resumed_with_each_new_norm_matches_an_uninterrupted_run(
     schedule = ("norm.warmup_steps=2", "norm.r_max_steps=6", "norm.d_max_steps=5") if kind == "batch_renorm" else ()
     cfg = make_cfg(f"norm={kind}", "trainer.epochs=2", "augment=seed", *schedule, *TINY)  # BRN's bounds move mid-run
 
-    class Killed(Exception):
-        pass
-
-    def die_after_first_epoch(history):
-        if len(history) == 1:
-            raise Killed
-
-    torch.manual_seed(0)
-    straight_model = model_from_config(cfg)
-    straight = train(straight_model, cfg, splits, torch.device("cpu"))
-    ckpt = tmp_path / "checkpoint.pt"
-    torch.manual_seed(0)
-    with pytest.raises(Killed):
-        train(model_from_config(cfg), cfg, splits, torch.device("cpu"), die_after_first_epoch, checkpoint=ckpt)
-    torch.manual_seed(99)  # a fresh process: other weights and RNG; the checkpoint restores both
-    resumed_model = model_from_config(cfg)
-    resumed = train(resumed_model, cfg, splits, torch.device("cpu"), checkpoint=ckpt)
-    assert [h.as_dict() | {"seconds": 0} for h in resumed] == [h.as_dict() | {"seconds": 0} for h in straight]
-    for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
-        assert torch.equal(a, b), name  # running statistics and BRN's step counts included
+    assert_resume_matches_uninterrupted(cfg, splits, tmp_path)  # running statistics and BRN's step counts too

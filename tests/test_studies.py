@@ -43,7 +43,7 @@ def make_studies(path: Path) -> None:
 
 
 def show(*args: str):
-    return warm_python.run([sys.executable, "-m", "normsweep.search.studies", *args], cwd=REPO, capture_output=True,
+    return warm_python.run([sys.executable, "-m", "normsweep.studies", *args], cwd=REPO, capture_output=True,
                            text=True, timeout=300)  # fmt: skip
 
 
