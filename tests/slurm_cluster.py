@@ -128,12 +128,22 @@ class PrivateSlurm:
         db = self.dir / "db"  # the server runs as the mysql user: its data, socket and logs go here
         db.mkdir()
         os.chown(db, mysql.pw_uid, mysql.pw_gid)
-        data = db / "data"
-        subprocess.run([_bin("mariadb-install-db"), "--user=mysql", f"--datadir={data}", "--auth-root-authentication-method=socket",
-                        "--skip-test-db"], check=True, capture_output=True, timeout=300)  # fmt: skip
+        data, tmp = db / "data", db / "tmp"
+        # A private tmpdir and no option files: two servers set up at once (or a leftover of an earlier
+        # one) must not meet in /tmp, where MariaDB names its temporary tables by pid
+        # ("Unknown table 'mysql.tmp_user_sys'"), and the machine's /etc/mysql must not change the setup.
+        tmp.mkdir()
+        os.chown(tmp, mysql.pw_uid, mysql.pw_gid)
+        setup = subprocess.run([_bin("mariadb-install-db"), "--no-defaults", "--user=mysql", f"--datadir={data}",
+                                f"--tmpdir={tmp}", "--auth-root-authentication-method=socket", "--skip-test-db"],
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+        if setup.returncode != 0:
+            raise RuntimeError(
+                f"mariadb-install-db exited {setup.returncode}:\n{setup.stdout[-3000:]}{setup.stderr[-3000:]}"
+            )
         self.db_port, self.db_socket = _free_port(), db / "mariadb.sock"
         self._daemon(_bin("mariadbd"), "--no-defaults", "--user=mysql", f"--datadir={data}", f"--socket={self.db_socket}",
-                     f"--port={self.db_port}", "--bind-address=127.0.0.1", f"--pid-file={db / 'mariadb.pid'}",
+                     f"--port={self.db_port}", f"--tmpdir={tmp}", "--bind-address=127.0.0.1", f"--pid-file={db / 'mariadb.pid'}",
                      f"--log-error={db / 'mariadb.err'}", "--innodb-flush-log-at-trx-commit=0",
                      "--innodb-buffer-pool-size=64M", log="mariadb.out")  # fmt: skip
         wait_for(self.db_socket.exists, 120, "MariaDB's socket")
