@@ -1,4 +1,4 @@
-"""The GPU check: normsweep's GPU path end to end, in one command of at most about 5 minutes.
+"""The GPU check: normsweep's GPU path end to end, in one command of at most about 8 minutes.
 
     bash benchmarks/gpu_check.sh [DATA_ROOT] [--out DIR] [KEY=VALUE ...]
     python benchmarks/gpu_check.py --quick --device cpu DATA_ROOT [KEY=VALUE ...]   # seconds-sized, no GPU
@@ -16,10 +16,18 @@ each timed, and each one's error kept so that one failure does not hide the othe
                   per run and, on a GPU, over the whole device;
   4. throughput   benchmarks/throughput.py, one repeat: per norm the study's pipeline (the base),
                   normsweep's and the default recipe's;
-  5. compile      one run with trainer.compile=default, 2 epochs (on by default on a GPU).
+  5. compile      the sweep of stage 3 again with the training step compiled (trainer.compile=graphs:
+                  fused kernels replayed as CUDA graphs, with the trainer.drop_last=true they need;
+                  --compile-mode picks another), on by default on a GPU: the same figures, and the
+                  training time without the first epoch (which compiles);
+  6. packed       benchmarks/packed.py: three seeds of each norm trained one after another in one
+                  process, then packed into one stacked model (normsweep.run.packed);
+  7. resnet18     one epoch of torchvision's resnet18 (model=torchvision model.name=resnet18
+                  budget=none, batch norm): seconds and images per second.
 
-It ends with a summary: each stage ok or FAILED with its error, and the targets (the three runs'
-training together in <= 60 s, each accuracy within 1 point of the CPU's mean) met or missed.
+It ends with a summary: each stage ok or FAILED with its error, and the targets (issue 38: the three
+runs' training together in <= 15 s, each accuracy within 0.3 points of the CPU's 3-seed mean) met or
+missed, for the eager sweep and the compiled one.
 Everything is kept in OUT (default outputs/gpu_check-HOST-TIME/, git-ignored): summary.md, one
 log per stage, the sweep directory, throughput-*.csv/.md. Exit status: 0 every stage ran and the
 targets were met, 1 a stage failed, 3 every stage ran but a target was missed (2: a usage error).
@@ -49,11 +57,13 @@ sys.path[:0] = [str(REPO), str(HERE)]
 
 from throughput import DEFAULT_DATA_ROOT, NORMS, PIPELINES  # noqa: E402  (benchmarks/throughput.py)
 
+from normsweep.run.compiling import COMPILE_MODES  # noqa: E402
+
 CPU_REFERENCE = REPO / "docs" / "tuned_3seeds_results.csv"  # the README's results: 3 seeds per norm, CPU, fp32
-TRAIN_TARGET_S = 60.0  # the three runs' training, together
-ACCURACY_TOLERANCE = 1.0  # points from the CPU's mean
+TRAIN_TARGET_S = 15.0  # the three runs' training, together (issue 38; 41.6 s eager on an H200 before it)
+ACCURACY_TOLERANCE = 0.3  # points from the CPU's 3-seed mean (issue 38)
 # Each stage's share of the budget; a stage may use what earlier ones left (deadlines are cumulative).
-SHARES = {"data": 0.10, "sweep": 0.40, "throughput": 0.30, "compile": 0.20}
+SHARES = {"data": 0.06, "sweep": 0.20, "throughput": 0.17, "compile": 0.27, "packed": 0.22, "resnet18": 0.08}
 
 
 class StageError(Exception):
@@ -100,7 +110,7 @@ class Check:
         print(f"   {st.status} in {st.seconds:.1f} s" + (f": {st.error}" if st.error else ""), flush=True)
         return st
 
-    def command(self, stage: str, cmd: list[str]) -> float:
+    def command(self, stage: str, cmd: list[str], env: dict | None = None) -> float:
         """Run ``cmd`` from the repository root, its output in OUT/<stage>.log, killed (with its children)
         at the stage's deadline; the wall seconds it took. A non-zero exit raises StageError with the log's tail."""
         log = self.out / f"{stage}.log"
@@ -110,7 +120,7 @@ class Check:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # fmt: skip
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -208,19 +218,20 @@ def run_line(r, ref) -> str:
     return line if r.status == "completed" else f"{line}\n      {r.error}"
 
 
-def sweep(check: Check, st: Stage) -> None:
+def sweep(check: Check, st: Stage, stage: str = "sweep", extra: tuple[str, ...] = (), env: dict | None = None) -> None:
+    """``python -m normsweep -m norm=batch,group,layer`` (with ``extra``), the runs sharing the device."""
     from normsweep.base.results import RESULTS_FILE, RunRecord
 
     a = check.args
-    sweep_dir = check.out / "sweep"
+    sweep_dir = check.out / stage
     cmd = [sys.executable, "-m", "normsweep", "-m", f"norm={','.join(NORMS)}", "hydra/launcher=joblib",
            f"hydra.launcher.n_jobs={a.jobs}", f"data.root={a.data_root}", f"trainer.device={a.device}",
            "trainer.progress=false", f"hydra.sweep.dir={sweep_dir}", *(["trainer.epochs=1"] if a.quick else []),
-           *a.overrides]  # fmt: skip
+           *extra, *a.overrides]  # fmt: skip
     peak = DevicePeak(a.device) if a.device.startswith("cuda") else None
     try:
         with peak or contextlib.nullcontext():
-            wall = check.command("sweep", cmd)
+            wall = check.command(stage, cmd, env)
     finally:  # what the runs wrote is reported even when the sweep failed
         runs = [RunRecord.read(p.parent) for p in sorted(sweep_dir.glob(f"*/{RESULTS_FILE}"))]
         reference = cpu_reference(CPU_REFERENCE)
@@ -231,16 +242,23 @@ def sweep(check: Check, st: Stage) -> None:
             st.found.append(run_line(r, ref))
             off = None if ref is None or r.final_test_acc is None else abs(r.final_test_acc - ref["mean"])
             if not a.quick and off is not None and off > ACCURACY_TOLERANCE:
-                check.missed.append(f"{r.norm}: test {r.final_test_acc:.2f}%, {off:.2f} points from the CPU's")
+                check.missed.append(f"{stage}, {r.norm}: test {r.final_test_acc:.2f}%, {off:.2f} points from the CPU's")
         if peak:
             st.found.append(peak.text())
     together = max((r.train_seconds for r in runs), default=0.0)
     st.found.append(f"wall time {wall:.1f} s (processes, data, {len(runs)} runs at once with n_jobs={a.jobs}, "
                     f"report); training of the {len(runs)} together (the longest run's): {together:.1f} s")  # fmt: skip
+    if extra and runs and all(len(r.history) > 1 for r in runs):  # a compiled step: its first epoch compiles
+        later = max(sum(e.seconds for e in r.history[1:]) for r in runs)
+        epochs = len(runs[0].history)
+        st.found.append(f"without the first epoch (compiling): {later:.1f} s for epochs 2-{epochs}, "
+                        f"{later * epochs / (epochs - 1):.1f} s for {epochs} epochs at that speed")  # fmt: skip
     if len(runs) != len(NORMS):
-        raise StageError(f"{len(runs)} of {len(NORMS)} runs wrote a results.json; see {check.out / 'sweep.log'}")
+        raise StageError(f"{len(runs)} of {len(NORMS)} runs wrote a results.json; see {check.out / f'{stage}.log'}")
     if not a.quick and together > TRAIN_TARGET_S:
-        check.missed.append(f"the three runs' training together took {together:.1f} s (> {TRAIN_TARGET_S:.0f} s)")
+        check.missed.append(
+            f"{stage}: the three runs' training together took {together:.1f} s (> {TRAIN_TARGET_S:.0f} s)"
+        )
 
 
 def throughput(check: Check, st: Stage) -> None:
@@ -267,19 +285,72 @@ def throughput(check: Check, st: Stage) -> None:
     st.found.append(f"table: {csv.with_suffix('.md')} (peak memory: max allocated on a GPU, RSS on a CPU)")
 
 
+def final_accuracies(sweep_dir: Path) -> dict[str, float]:
+    """Each completed run's final test accuracy in a sweep directory, by norm."""
+    from normsweep.base.results import RESULTS_FILE, RunRecord
+
+    runs = [RunRecord.read(p.parent) for p in sorted(sweep_dir.glob(f"*/{RESULTS_FILE}"))]
+    return {r.norm: r.final_test_acc for r in runs if r.status == "completed" and r.final_test_acc is not None}
+
+
 def compile_run(check: Check, st: Stage) -> None:
+    mode = check.args.compile_mode
+    graphs = COMPILE_MODES.entry(mode).graphs
+    try:
+        extra = (f"trainer.compile={mode}", *(["trainer.drop_last=true"] if graphs else []))
+        sweep(check, st, "compile", extra, {"TORCH_LOGS": "perf_hints"})  # perf_hints: why a graph was not recorded
+        eager, compiled = (final_accuracies(check.out / name) for name in ("sweep", "compile"))
+        diffs = {norm: compiled[norm] - eager[norm] for norm in compiled if norm in eager}
+        if diffs:
+            st.found.append(f"test accuracy, {mode} minus eager (same seed): "
+                            + ", ".join(f"{norm} {d:+.2f}" for norm, d in diffs.items()))  # fmt: skip
+        for norm, d in diffs.items():
+            if not check.args.quick and abs(d) > ACCURACY_TOLERANCE:
+                check.missed.append(f"compile, {norm}: {d:+.2f} points from the eager run's test accuracy")
+    finally:
+        if graphs:  # torch falls back to plain kernels where it cannot record a graph, and says why in the log
+            logs = [check.out / "compile.log", *sorted((check.out / "compile").glob("**/*.log"))]
+            skipped = sorted({line.strip()[-160:] for p in logs if p.exists() for line in p.read_text().splitlines()
+                              if "skipping cudagraphs" in line})  # fmt: skip
+            st.found.append("CUDA graphs skipped: " + " / ".join(skipped) if skipped else
+                            "no 'skipping cudagraphs' in the logs (on a CPU there are no graphs to record)")  # fmt: skip
+
+
+def packed(check: Check, st: Stage) -> None:
+    import pandas as pd
+
+    a = check.args
+    norms, seeds, epochs = (
+        (["batch"], ["0", "1"], "1") if a.quick else (list(NORMS), ["0", "1", "2"], str(a.packed_epochs))
+    )
+    out = check.out / "packed"
+    check.command("packed", [sys.executable, str(HERE / "packed.py"), "--data-root", a.data_root, "--device", a.device,
+                             "--norms", *norms, "--seeds", *seeds, "--epochs", epochs, "--out", str(out),
+                             *a.overrides])  # fmt: skip
+    (csv,) = out.glob("packed-*.csv")
+    for norm, rows in pd.read_csv(csv).groupby("norm", sort=False):
+        cells = [f"{r.mode} {r.seconds:.1f} s, {r.images_per_s:,.0f} img/s, test {r.mean_test_acc:.2f}%"
+                 for r in rows.itertuples()]  # fmt: skip
+        speedup = rows["speedup"].dropna()
+        st.found.append(f"{norm:5s} {len(seeds)} seeds x {epochs} epochs: " + "; ".join(cells)
+                        + (f"; packed {speedup.iloc[0]:.2f}x the separate runs' speed" if len(speedup) else ""))  # fmt: skip
+    st.found.append(f"table: {csv.with_suffix('.md')}")
+
+
+def resnet18(check: Check, st: Stage) -> None:
     from normsweep.base.results import RunRecord
 
     a = check.args
-    run_dir = check.out / "compile"
-    check.command("compile", [sys.executable, "-m", "normsweep", "norm=batch", f"trainer.compile={a.compile_mode}",
-                              "trainer.epochs=2", f"data.root={a.data_root}", f"trainer.device={a.device}",
-                              "trainer.progress=false", f"hydra.run.dir={run_dir}", *a.overrides])  # fmt: skip
+    run_dir = check.out / "resnet18"
+    check.command("resnet18", [sys.executable, "-m", "normsweep", "model=torchvision", "model.name=resnet18",
+                               "budget=none", "norm=batch", "trainer.epochs=1", f"data.root={a.data_root}",
+                               f"trainer.device={a.device}", "trainer.progress=false", f"hydra.run.dir={run_dir}",
+                               *a.overrides])  # fmt: skip
     r = RunRecord.read(run_dir)
-    epochs = ", ".join(f"{e.seconds:.1f}" for e in r.history)
-    st.found.append(f"trainer.compile={a.compile_mode}: {r.status}, test {r.final_test_acc:.2f}% after "
-                    f"{len(r.history)} epochs; seconds per epoch {epochs} (the first compiles), "
-                    f"peak {r.peak_memory_mb:.0f} MB")  # fmt: skip
+    (epoch,) = r.history
+    st.found.append(f"resnet18 (small-input stem, BN): {r.status}, {r.params:,} parameters, one epoch in "
+                    f"{epoch.seconds:.1f} s with its evaluation, test {r.final_test_acc:.2f}%, "
+                    f"peak {r.peak_memory_mb:.0f} MB, bf16 {r.bf16}")  # fmt: skip
 
 
 # ------------------------------------------------------------------ driver
@@ -303,7 +374,7 @@ def summary(check: Check) -> str:
         lines.append("Targets not checked: --quick (1 epoch, tiny sizes).")
     else:
         targets = (f"training of the three runs <= {TRAIN_TARGET_S:.0f} s, "
-                   f"accuracies within {ACCURACY_TOLERANCE} point of the CPU's")  # fmt: skip
+                   f"accuracies within {ACCURACY_TOLERANCE} points of the CPU's 3-seed mean; sweep and compile")  # fmt: skip
         sweep = next(st for st in check.stages if st.name == "sweep")
         verdict = "; ".join(check.missed) if check.missed else "met" if sweep.status == "ok" else "not measured"
         lines.append(f"Targets ({targets}): {verdict}.")
@@ -321,10 +392,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=len(NORMS), help="runs of the sweep at once (hydra.launcher.n_jobs)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the compile stage (default: on a GPU, not with --quick)")  # fmt: skip
-    p.add_argument(
-        "--compile-mode", default="default", help="trainer.compile for it: default | reduce-overhead | max-autotune"
-    )
-    p.add_argument("--budget-s", type=float, default=300.0, help="seconds for the whole check (stages share it)")
+    p.add_argument("--compile-mode", default="graphs", choices=list(COMPILE_MODES), help="trainer.compile for it")
+    p.add_argument("--packed-epochs", type=int, default=10, help="epochs of the packed stage (default: %(default)s)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="seconds for the whole check (stages share it)")
     p.add_argument("--out", help="a new directory for everything (default: outputs/gpu_check-HOST-TIME)")
     a = p.parse_args(argv)
     if "=" in a.data_root:
@@ -345,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     check = Check(a, out)
     print(f"GPU check: device {a.device}, data {a.data_root}, budget {a.budget_s:.0f} s, output {out}", flush=True)
     env = check.stage("environment", lambda st: environment(check, st))
-    for name, body in (("data", data), ("sweep", sweep), ("throughput", throughput), ("compile", compile_run)):
+    stages = (("data", data), ("sweep", sweep), ("throughput", throughput), ("compile", compile_run),
+              ("packed", packed), ("resnet18", resnet18))  # fmt: skip
+    for name, body in stages:
         if env.status != "ok":
             check.stages.append(Stage(name, found=["the environment stage failed"]))
         elif name == "compile" and not a.compile:

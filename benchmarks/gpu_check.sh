@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (benchmarks/gpu_check.py, whose --help says what it measures), at most about 5 minutes:
+# The GPU check (benchmarks/gpu_check.py, whose --help says what it measures), at most about 8 minutes:
 #   bash benchmarks/gpu_check.sh [DATA_ROOT] [--out DIR] [KEY=VALUE ...]
 # DATA_ROOT defaults to ../shared/data/cifar10-jpg beside the repository. Runs the repository's
 # .venv if it has one, else $PYTHON (default python3), which must have normsweep installed.

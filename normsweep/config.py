@@ -23,6 +23,7 @@ from normsweep.base.registry import choice
 from normsweep.data import DATASETS
 from normsweep.models import MODELS
 from normsweep.norms import NORMS
+from normsweep.run.compiling import COMPILE_MODES, TORCH_MODE_NAMES
 from normsweep.run.optim import OPTIMIZERS, SCHEDULERS
 from normsweep.search.pruners import PRUNERS
 
@@ -103,6 +104,9 @@ class ModelConfig:
     target: Optional[str] = None  # custom: your nn.Module class as a dotted path, my_pkg.nets.MyNet
     kwargs: dict[str, Any] = field(default_factory=dict)  # torchvision, custom: the constructor's other arguments
     small_input_stem: Optional[bool] = None  # torchvision: the family's small-image stem; null = where images <= 64 px
+    group_rule: Optional[str] = (
+        None  # torchvision, custom: divisor (the default: GroupNorm groups fit each layer) | exact
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
@@ -112,7 +116,11 @@ class ModelConfig:
         if any(d < 0 for d in self.depths):
             _fail("model.depths", self.depths, "non-negative depths")
         arch, family = choice(self.arch), MODELS.entry(self.arch)
-        for key, unset in (("name", None), ("target", None), ("kwargs", {}), ("small_input_stem", None)):
+        if self.group_rule not in (None, "divisor", "exact"):
+            _fail("model.group_rule", self.group_rule, "divisor (the largest divisor of a layer's channels up to "
+                  "norm.groups) or exact (norm.groups must divide every layer's channels)")  # fmt: skip
+        for key, unset in (("name", None), ("target", None), ("kwargs", {}), ("small_input_stem", None),
+                           ("group_rule", None)):  # fmt: skip
             if getattr(self, key) != unset and key not in family.keys:
                 users = " or ".join(n for n, f in MODELS.items() if key in f.keys)
                 unset_text = "null" if unset is None else "empty"
@@ -242,7 +250,12 @@ class TrainerConfig:
     label_smoothing: float = 0.1  # conf/trainer/default.yaml is the source of truth; test_one_place checks they agree
     channels_last: bool = True  # faster convs on CPU and GPU; same numbers
     bf16: Optional[bool] = None  # bf16 autocast; null = on where the hardware has native bf16 (runtime.use_bf16)
-    compile: Optional[str] = None  # torch.compile mode for training steps: default | reduce-overhead | max-autotune
+    compile: Optional[str] = (
+        None  # compile the training step: kernels | graphs | autotune | autotune_graphs (run/compiling.py); null = eager
+    )
+    drop_last: bool = (
+        False  # leave out each epoch's last, partial batch: every step one shape (trainer.compile=graphs needs it)
+    )
     threads: Optional[int] = (
         None  # torch threads; null = torch default, or the job's share under a parallel launcher (runtime.job_threads)
     )
@@ -260,8 +273,13 @@ class TrainerConfig:
             _fail("trainer.label_smoothing", self.label_smoothing, "a value in [0, 1)")
         if self.threads is not None and self.threads < 1:
             _fail("trainer.threads", self.threads, "an integer >= 1, or null")
-        if self.compile not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-            _fail("trainer.compile", self.compile, "null, default, reduce-overhead or max-autotune")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            renamed = TORCH_MODE_NAMES.get(self.compile)
+            _fail("trainer.compile", self.compile, (f"{renamed} (torch's mode {self.compile!r} is named for what it does "
+                  "now)" if renamed else "null (eager) or one of " + ", ".join(f"{n} ({m.what})" for n, m in COMPILE_MODES.items())))  # fmt: skip
+        if self.compile is not None and COMPILE_MODES[self.compile].graphs and not self.drop_last:
+            _fail("trainer.drop_last", self.drop_last, f"true with trainer.compile={self.compile}: CUDA graphs replay "
+                  "one batch shape, so each epoch's last, partial batch must be left out (the same for every run)")  # fmt: skip
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             _fail("trainer.ema_decay", self.ema_decay, "a decay per step in (0, 1), or null for no EMA")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -57,7 +57,7 @@ def choice(kind: str, groups: int = 32, ws: bool = False) -> NormChoice:
 
 def settings(name: str, **kw) -> SimpleNamespace:
     return SimpleNamespace(name=name, kwargs=kw.pop("kwargs", {}), small_input_stem=kw.pop("small_input_stem", None),
-                           dropout=0.0, **kw)  # fmt: skip
+                           group_rule=kw.pop("group_rule", None), dropout=0.0, **kw)  # fmt: skip
 
 
 class MetaTensors(TorchFunctionMode):
@@ -243,6 +243,18 @@ class TinyNet(nn.Module):
         return self.head(self.features(x))
 
 
+class SizedNet(nn.Module):
+    """A head sized from the image size: it needs the data's, not 32."""
+
+    def __init__(self, num_classes: int, image_size: int):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(4 * image_size * image_size, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 class NoClasses(nn.Module):
     def __init__(self):
         super().__init__()
@@ -276,6 +288,54 @@ def test_a_users_class_is_built_with_the_datas_classes_and_every_norm(user_packa
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) or kind == "batch"
     assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == (0 if NORMS[kind].activates else 2)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+def test_model_group_rule_exact_stops_where_the_groups_do_not_divide_and_divisor_fits_them(user_package: Path) -> None:
+    """TinyNet(width=6): 6 and 12 channels; norm.groups=4 divides neither."""
+    args = ("model=custom", "model.target=my_nets.nets.TinyNet", "+model.kwargs.width=6", "norm=group", "norm.groups=4",
+            "budget=none")  # fmt: skip
+    with pytest.raises(ConfigError, match="norm.groups"):
+        model_from_config(make_cfg(*args, "model.group_rule=exact"))
+    for rule in ("divisor", "null"):
+        model = model_from_config(make_cfg(*args, f"model.group_rule={rule}"))
+        assert [m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)] == [3, 4]
+    with pytest.raises(ConfigError, match="model.group_rule='nearest' is invalid"):
+        make_cfg(*args, "model.group_rule=nearest")
+    with pytest.raises(ConfigError, match=r"model.group_rule.*a setting of model=torchvision or custom only"):
+        make_cfg("model.group_rule=exact")
+
+
+@pytest.mark.slow  # compiling: tens of seconds
+@pytest.mark.parametrize("kind", ["group", "frn"])
+def test_a_swapped_model_compiles_to_the_eager_models_loss_and_gradients(user_package: Path, kind: str) -> None:
+    """trainer.compile on a model the swap changed (a norm module replaced, FRN's activation made Identity)."""
+    torch.manual_seed(0)
+    model = model_from_config(make_cfg("model=custom", "model.target=my_nets.nets.TinyNet", f"norm={kind}",
+                                       "budget=none"))  # fmt: skip
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    losses, grads = [], []
+    for net in (model, torch.compile(model, mode="default")):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_a_users_class_that_takes_image_size_gets_the_datas_unless_model_kwargs_sets_it(user_package: Path) -> None:
+    cfg = make_cfg("model=custom", "model.target=my_nets.nets.SizedNet", "norm=group", "budget=none")
+    model = model_from_config(cfg, num_classes=3, image_size=24)
+    assert model.head.in_features == 4 * 24 * 24 and isinstance(model.features[1], nn.GroupNorm)
+    model(torch.randn(2, 3, 24, 24)).sum().backward()
+    pinned = make_cfg(
+        "model=custom", "model.target=my_nets.nets.SizedNet", "+model.kwargs.image_size=16", "budget=none"
+    )
+    assert model_from_config(pinned, num_classes=3, image_size=24).head.in_features == 4 * 16 * 16
+    tiny = model_from_config(make_cfg("model=custom", "model.target=my_nets.nets.TinyNet", "budget=none"), 3, 24)
+    assert type(tiny).__name__ == "TinyNet"  # a class without the parameter is built as before
 
 
 @pytest.mark.parametrize("target,match", [

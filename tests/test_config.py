@@ -123,11 +123,26 @@ def test_wrong_type_fails_naming_the_key() -> None:
         ("norm=batch_renorm norm.warmup_steps=100 norm.r_max_steps=50", "norm.r_max_steps"),
         ("norm=group norm.r_max=3", "norm.r_max"),
         ("optimizer.base_batch_size=0", "optimizer.base_batch_size"),
+        ("trainer.compile=fastest", "trainer.compile"),
+        ("trainer.compile=graphs", "trainer.drop_last"),  # CUDA graphs replay one batch shape
+        ("trainer.compile=autotune_graphs trainer.drop_last=false", "trainer.drop_last"),
     ],
 )
 def test_impossible_values_fail_at_start_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         make_cfg(*override.split())
+
+
+def test_compile_modes_are_named_for_what_they_do_and_torch_s_names_point_to_them() -> None:
+    from normsweep.run.compiling import COMPILE_MODES
+
+    with pytest.raises(ConfigError, match="expected graphs .torch's mode 'reduce-overhead'"):
+        make_cfg("trainer.compile=reduce-overhead", "trainer.drop_last=true")
+    with pytest.raises(ConfigError, match="kernels .fused kernels") as e:
+        make_cfg("trainer.compile=fast")
+    assert all(name in str(e.value) for name in COMPILE_MODES)
+    for name, mode in COMPILE_MODES.items():
+        assert make_cfg(f"trainer.compile={name}", f"trainer.drop_last={mode.graphs}").trainer.compile == name
 
 
 def test_over_budget_model_stops_with_count_and_limit() -> None:

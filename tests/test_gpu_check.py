@@ -43,7 +43,8 @@ def test_the_quick_check_runs_every_stage_on_the_cpu_and_reports_what_it_measure
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = summary_rows(out)
     assert {stage: row[0] for stage, row in rows.items()} == {
-        "environment": "ok", "data": "ok", "sweep": "ok", "throughput": "ok", "compile": "skipped"}  # fmt: skip
+        "environment": "ok", "data": "ok", "sweep": "ok", "throughput": "ok", "compile": "skipped", "packed": "ok",
+        "resnet18": "ok"}  # fmt: skip
     assert "200 training and 50 test images" in rows["data"][2]
 
     runs = [RunRecord.read(p.parent) for p in (out / "sweep").glob(f"*/{RESULTS_FILE}")]
@@ -60,6 +61,15 @@ def test_the_quick_check_runs_every_stage_on_the_cpu_and_reports_what_it_measure
     assert sorted(measured["pipeline"]) == ["normsweep", "study"] and (measured["images_per_s"] > 0).all()
     study = measured.set_index("pipeline").loc["study", "images_per_s"]
     assert f"study {study:,.0f} img/s (1.0x" in rows["throughput"][2]
+
+    (csv,) = (out / "packed").glob("packed-*.csv")
+    packed = pd.read_csv(csv).set_index("mode")
+    assert sorted(packed.index) == ["packed", "separate"] and (packed["seconds"] > 0).all()
+    assert f"separate {packed.loc['separate', 'seconds']:.1f} s" in rows["packed"][2]
+    assert f"packed {packed.loc['packed', 'speedup']:.2f}x the separate runs' speed" in rows["packed"][2]
+    resnet = RunRecord.read(out / "resnet18")
+    assert resnet.status == "completed" and resnet.params > 10**7  # torchvision's resnet18, not the study's CNN
+    assert f"{resnet.params:,} parameters, one epoch in {resnet.history[0].seconds:.1f} s" in rows["resnet18"][2]
 
     assert "Targets not checked: --quick" in proc.stdout and "Result: every stage ran." in proc.stdout
 
@@ -80,14 +90,14 @@ def test_a_stage_that_fails_is_reported_and_the_stages_that_need_it_are_skipped(
     printed = capsys.readouterr().out
     rows = summary_rows(out)
     assert rows["environment"][0] == "FAILED" and "**" in rows["environment"][2]  # the error, in bold
-    assert {rows[s][0] for s in ("data", "sweep", "throughput", "compile")} == {"skipped"}
+    assert {rows[s][0] for s in ("data", "sweep", "throughput", "compile", "packed", "resnet18")} == {"skipped"}
     assert "Result: FAILED: environment." in printed
-    assert "Targets (training of the three runs <= 60 s" in printed and "not measured" in printed
+    assert "Targets (training of the three runs <= 15 s" in printed and "not measured" in printed
 
 
 @pytest.mark.slow  # seconds: real processes
 def test_a_command_past_its_deadline_is_stopped_with_the_processes_it_started(tmp_path: Path, module) -> None:
-    check = module.Check(module.parse_args([str(tmp_path), "--budget-s", "6"]), tmp_path)  # the sweep's deadline: 3 s
+    check = module.Check(module.parse_args([str(tmp_path), "--budget-s", "12"]), tmp_path)  # the sweep's deadline: 3 s
     with pytest.raises(module.StageError, match="stopped at the stage's deadline"):
         check.command("sweep", ["sh", "-c", "sleep 300 & echo $!; wait"])  # a child that would outlive its shell
     child = int((tmp_path / "sweep.log").read_text().split()[-1])

@@ -19,7 +19,7 @@ from normsweep.search.trials import study_name_for
 from .conftest import REPO, compose_config
 
 NEUTRAL_OVERRIDES = ["trainer.threads=2", "data.root=/elsewhere", "trainer.progress=false", "data.cache_dir=/tmp/c",
-                     "trainer.device=cpu", "trainer.compile=default", "trainer.reuse_memory=false", "budget.enforce=false"]  # fmt: skip
+                     "trainer.device=cpu", "trainer.compile=kernels", "trainer.reuse_memory=false", "budget.enforce=false"]  # fmt: skip
 
 
 def test_every_neutral_key_exists_in_the_schema() -> None:
@@ -158,7 +158,7 @@ def _package_imports() -> dict[str, set[str]]:
 FLOORS: list[tuple[str, ...]] = [
     ("base",),
     ("norms",),
-    ("models", "data", "run.optim", "search.pruners"),
+    ("models", "data", "run.optim", "run.compiling", "search.pruners"),
     ("config",),
     ("run", "search", "report", "studies", "storage"),
     ("__main__", "__init__"),

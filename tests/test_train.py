@@ -64,6 +64,44 @@ def test_same_seed_gives_the_same_run_and_another_seed_does_not(splits) -> None:
     assert run(0) != run(1)
 
 
+def test_drop_last_gives_every_step_one_shape_and_the_schedule_counts_those_steps(splits) -> None:
+    """100 training images at batch 30: 3 full batches and one of 10; with trainer.drop_last the 10 are left out
+    (other images each epoch: the permutation decides which), and the epoch's numbers are over the 90 used."""
+    from normsweep.run.train import batches, images_per_epoch
+
+    assert images_per_epoch(100, 30) == 100 and images_per_epoch(100, 30, drop_last=True) == 90
+    assert images_per_epoch(91, 30) == 90  # a last batch of one image is always left out (BatchNorm)
+    assert images_per_epoch(90, 30, drop_last=True) == 90
+    cfg = make_cfg("trainer.batch_size=30", *TINY[1:])
+    x, y = splits.train.x, splits.train.y
+    sizes = {drop: [len(yb) for _, yb in batches(x, y, 30, cfg.augment, torch.Generator().manual_seed(0),
+                                                 info=splits.info, drop_last=drop)]
+             for drop in (False, True)}  # fmt: skip
+    assert sizes == {False: [30, 30, 30, 10], True: [30, 30, 30]}
+    schedule = []
+    for drop in ("false", "true"):
+        cfg = make_cfg("trainer.epochs=2", "trainer.batch_size=30", f"trainer.drop_last={drop}",
+                       "scheduler=onecycle", *TINY[1:])  # fmt: skip
+        torch.manual_seed(0)
+        history = train(model_from_config(cfg), cfg, splits, torch.device("cpu"))
+        schedule.append(history[0].lr)
+    # one-cycle over 8 steps, 4 of them done, vs over 6 steps, 3 done: the same point of the cycle
+    assert schedule[0] == pytest.approx(schedule[1])
+
+
+@pytest.mark.slow
+def test_a_graphs_compiled_run_trains_as_the_eager_run_on_the_cpu(splits) -> None:
+    """trainer.compile=graphs on a CPU (no CUDA graphs there: fused kernels) with the drop_last it needs: the same
+    losses as eager to rounding (the GPU's numbers come from benchmarks/gpu_check.py)."""
+    losses = {}
+    for mode in ("null", "graphs"):
+        cfg = make_cfg("trainer.epochs=2", "trainer.drop_last=true", f"trainer.compile={mode}", "model.dropout=0",
+                       "trainer.batch_size=50", *TINY[1:])  # fmt: skip
+        torch.manual_seed(0)
+        losses[mode] = [h.train_loss for h in train(model_from_config(cfg), cfg, splits, torch.device("cpu"))]
+    assert losses["graphs"] == pytest.approx(losses["null"], rel=1e-4)
+
+
 def test_linear_lr_scaling_scales_the_lr_by_batch_size_over_the_base_batch_size() -> None:
     linear = OptimizerConfig(lr=0.2, lr_scaling=LrScaling.linear, base_batch_size=256)
     assert peak_lr(linear, 256) == 0.2 and peak_lr(linear, 512) == pytest.approx(0.4)

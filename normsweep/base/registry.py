@@ -6,7 +6,8 @@ and the schema's allowed values are derived from it (:meth:`Registry.enum`), as 
 from ``NORMS``. Adding a norm, a model family, a data source, an optimizer, a scheduler, a pruner
 or a tracker is one :meth:`Registry.register` call (plus its ``conf/<group>/<name>.yaml``), never a
 new branch in the code that uses it. The registries: ``norms.NORMS``, ``models.MODELS``,
-``data.DATASETS``, ``run.optim.OPTIMIZERS`` and ``SCHEDULERS``, ``search.pruners.PRUNERS``.
+``data.DATASETS``, ``run.optim.OPTIMIZERS`` and ``SCHEDULERS``, ``run.compiling.COMPILE_MODES``,
+``search.pruners.PRUNERS``.
 """
 
 from __future__ import annotations

@@ -62,9 +62,9 @@ MODELS.register(
 # Existing networks, their norms swapped (models/swap.py): torchvision's classifiers and the user's own class.
 MODELS.register(
     "torchvision",
-    ModelFamily(torchvision.build, keys=("name", "kwargs", "small_input_stem"), check=torchvision.check),
+    ModelFamily(torchvision.build, keys=("name", "kwargs", "small_input_stem", "group_rule"), check=torchvision.check),
 )
-MODELS.register("custom", ModelFamily(custom.build, keys=("target", "kwargs"), check=custom.check))
+MODELS.register("custom", ModelFamily(custom.build, keys=("target", "kwargs", "group_rule"), check=custom.check))
 
 
 def build_model(

@@ -38,15 +38,21 @@ class Dropout(nn.Dropout):
     behaviour; the torch RNG drives it, so seeds and resumes reproduce it.
     """
 
+    cheap_cpu_mask = True  # False: nn.Dropout's own mask (normsweep.run.packed turns it off under torch.func.vmap)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or not dense:
+        if not (self.cheap_cpu_mask and self.training and 0 < self.p < 1 and x.device.type == "cpu" and _dense(x)):
             return super().forward(x)
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         draws = words.view(torch.int16)[:n].as_strided(x.shape, x.stride())  # uniform over all int16
         drop = round(self.p * 65536)
         return torch.where(draws >= drop - 32768, x * (65536 / (65536 - drop)), 0)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out densely (contiguous or channels-last)."""
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
 
 
 class WSConv2d(nn.Conv2d):

@@ -4,7 +4,7 @@
 importable from the launch directory (``run.build.model_from_config`` puts it on ``sys.path``, as ``python -m``
 does) or from an installed package, then the class's name in it. Importing the module runs it: it is your code, run
 as your training script would run it; name only modules you trust. :func:`build` constructs the class with
-``num_classes`` (the data's) and ``model.kwargs``, then swaps its norms exactly as ``model=torchvision`` does
+``num_classes`` (the data's), ``image_size`` where it takes one, and ``model.kwargs``, then swaps its norms exactly as ``model=torchvision`` does
 (:func:`normsweep.models.torchvision.swap`).
 """
 
@@ -72,11 +72,22 @@ def import_target(target: str) -> type[nn.Module]:
     raise AssertionError("unreachable: check_target requires a module and a name")
 
 
+def _takes(cls: type, name: str) -> bool:
+    """Whether ``cls``'s constructor has a parameter called ``name`` (not merely ``**kwargs``)."""
+    try:
+        return name in inspect.signature(cls).parameters
+    except ValueError:  # no signature to read
+        return False
+
+
 def build(settings: Any, norm: Any, num_classes: int, image_size: int) -> nn.Module:
     """The ``model=custom`` builder of :data:`normsweep.models.MODELS`: ``Class(num_classes=..., **model.kwargs)``,
-    then the swap."""
+    plus ``image_size=`` (the data's) where the constructor has that parameter and ``model.kwargs`` does not set
+    it, then the swap."""
     cls = import_target(settings.target)
     kwargs = dict(settings.kwargs or {})
+    if "image_size" not in kwargs and _takes(cls, "image_size"):
+        kwargs["image_size"] = image_size  # the data's (data.image_size, or the images' own)
     try:
         inspect.signature(cls).bind(num_classes=num_classes, **kwargs)
     except TypeError as e:
@@ -86,6 +97,6 @@ def build(settings: Any, norm: Any, num_classes: int, image_size: int) -> nn.Mod
     except ValueError:  # no signature to read (a builtin): let the call say
         pass
     model = cls(num_classes=num_classes, **kwargs)
-    report = swap(model, norm, f"model.target={settings.target}")
+    report = swap(model, norm, f"model.target={settings.target}", settings.group_rule)
     log.info("%s; %s", settings.target, report)
     return model

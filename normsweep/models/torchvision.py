@@ -171,15 +171,16 @@ def build(settings: Any, norm: Any, num_classes: int, image_size: int) -> nn.Mod
     """The ``model=torchvision`` builder of :data:`normsweep.models.MODELS`: :func:`build_plain`, then the swap."""
     model, stem = build_plain(settings.name, num_classes, image_size, dict(settings.kwargs or {}),
                               settings.small_input_stem)  # fmt: skip
-    report = swap(model, norm, f"model.name={settings.name}")
+    report = swap(model, norm, f"model.name={settings.name}", settings.group_rule)
     log.info("torchvision %s%s; %s", settings.name, f" with the small-input stem ({stem})" if stem else "", report)
     return model
 
 
-def swap(model: nn.Module, norm: Any, what: str) -> SwapReport:
-    """The config's norm (a :class:`normsweep.models.NormChoice`) swapped into ``model``: refused where the model
-    has no feature-map norm to replace."""
-    report = swap_norms(model, norm.kind, groups=norm.groups, ws=norm.ws, act="replace", **dict(norm.options))
+def swap(model: nn.Module, norm: Any, what: str, group_rule: str | None = None) -> SwapReport:
+    """The config's norm (a :class:`normsweep.models.NormChoice`) swapped into ``model`` with ``model.group_rule``
+    (null: ``divisor``): refused where the model has no feature-map norm to replace."""
+    report = swap_norms(model, norm.kind, groups=norm.groups, group_rule=group_rule or "divisor", ws=norm.ws,
+                        act="replace", **dict(norm.options))  # fmt: skip
     if not report.replaced:
         others = ", ".join(sorted({cls for _, cls in report.untouched}))
         raise ConfigError(

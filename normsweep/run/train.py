@@ -26,6 +26,7 @@ from normsweep.base.runtime import autocast, use_bf16
 from normsweep.config import AugmentConfig, Config, NormsweepError, OptimizerConfig, SchedulerConfig, TrainerConfig
 from normsweep.data import DataInfo, Split, Splits
 from normsweep.run.augment import augment_batch, normalize, to_float
+from normsweep.run.compiling import COMPILE_MODES
 from normsweep.run.optim import OPTIMIZERS, SCHEDULERS
 from normsweep.run.resume import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -113,9 +114,12 @@ def train_step_loss(
     return F.cross_entropy(logits, yb, label_smoothing=label_smoothing), logits
 
 
-def images_per_epoch(n_images: int, batch_size: int) -> int:
-    """The training images an epoch uses: all of them, except that a last batch of one image is
-    skipped (BatchNorm cannot train on a single sample)."""
+def images_per_epoch(n_images: int, batch_size: int, drop_last: bool = False) -> int:
+    """The training images an epoch uses: all of them, except that the last, partial batch is left out
+    with ``drop_last`` (``trainer.drop_last``: every step one shape), and a last batch of one image
+    always (BatchNorm cannot train on a single sample)."""
+    if drop_last:
+        return n_images - n_images % batch_size
     return n_images - 1 if n_images % batch_size == 1 else n_images
 
 
@@ -128,15 +132,16 @@ def batches(
     memory_format: torch.memory_format = torch.contiguous_format,
     *,
     info: DataInfo,
+    drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of training batches, as :func:`train` takes them.
 
     ``x`` (uint8 images) and ``y`` live on the device; the epoch is a permutation drawn from
-    ``gen``, cut into index slices of ``batch_size`` (:func:`images_per_epoch`), each batch
+    ``gen``, cut into index slices of ``batch_size`` (:func:`images_per_epoch`, ``drop_last``), each batch
     augmented on the device (with ``gen``), normalized with the data's mean and std (``info``) and
     laid out in ``memory_format``.
     """
-    n = images_per_epoch(len(y), batch_size)
+    n = images_per_epoch(len(y), batch_size, drop_last)
     perm = torch.randperm(len(y), generator=gen, device=y.device)[:n]
     for i in range(0, n, batch_size):
         idx = perm[i : i + batch_size]
@@ -152,14 +157,19 @@ def make_step(
     *,
     bf16: bool = False,
     label_smoothing: float = 0.0,
+    graphs: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The training step :func:`train` takes on each batch: ``step(xb, yb) -> (loss, logits)``.
 
     Forward pass and loss (under bf16 autocast if ``bf16``), backward, optimizer step, then the
-    learning-rate schedule's and the weight average's step where given.
+    learning-rate schedule's and the weight average's step where given. ``graphs``: ``model`` replays
+    CUDA graphs (:data:`~normsweep.run.compiling.COMPILE_MODES`), whose outputs the next replay
+    overwrites; each step starts a new one, and its (loss, logits) must be used before the next step.
     """
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(xb.device, bf16):
             loss, logits = train_step_loss(model, xb, yb, label_smoothing)
         opt.zero_grad(set_to_none=True)
@@ -247,7 +257,7 @@ def start_training(model: nn.Module, cfg: Config, splits: Splits, device: torch.
     model.to(device, memory_format=fmt)
     train_data = splits.train.x.to(device), splits.train.y.to(device)
     val, test = prepare_eval(splits.val, device, splits.info), prepare_eval(splits.test, device, splits.info)
-    n = images_per_epoch(len(train_data[1]), tc.batch_size)
+    n = images_per_epoch(len(train_data[1]), tc.batch_size, tc.drop_last)
     steps_per_epoch = len(range(0, n, tc.batch_size))
     total_steps = steps_per_epoch * tc.epochs
     peak = peak_lr(cfg.optimizer, tc.batch_size)
@@ -258,10 +268,12 @@ def start_training(model: nn.Module, cfg: Config, splits: Splits, device: torch.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.scheduler, s, total_steps))
     gen = torch.Generator(device=device).manual_seed(tc.seed)
     # The compiled module shares its parameters with ``model``; evaluation and checkpoints use ``model``.
-    step_model = torch.compile(model, mode=tc.compile) if tc.compile else model
+    mode = COMPILE_MODES.entry(tc.compile) if tc.compile else None
+    step_model = torch.compile(model, mode=mode.torch_mode) if mode else model
     ema = WeightEMA(model, tc.ema_decay) if tc.ema_decay else None
     bf16 = use_bf16(tc.bf16, device)
-    step = make_step(step_model, opt, sched, ema, bf16=bf16, label_smoothing=tc.label_smoothing)
+    graphs = mode is not None and mode.graphs and device.type == "cuda"
+    step = make_step(step_model, opt, sched, ema, bf16=bf16, label_smoothing=tc.label_smoothing, graphs=graphs)
     return Training(
         model, ema.model if ema is not None else model, opt, sched, gen, ema, step, train_data, val, test,
         splits.info, n, steps_per_epoch, peak, bf16, fmt,
@@ -295,7 +307,7 @@ def train_epoch(t: Training, cfg: Config, epoch: int) -> tuple[float, float]:
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     bar = tqdm(
-        batches(*t.train, tc.batch_size, cfg.augment, t.gen, t.memory_format, info=t.info),
+        batches(*t.train, tc.batch_size, cfg.augment, t.gen, t.memory_format, info=t.info, drop_last=tc.drop_last),
         total=t.steps_per_epoch,
         desc=f"epoch {epoch}/{tc.epochs}",
         unit="batch",
