@@ -296,6 +296,9 @@ class BudgetConfig:
 
 
 class LoggerKind(str, Enum):
+    """``logger.kind``: the names of ``normsweep.run.trackers.TRACKERS`` (written here because the trackers read the
+    config; tests/test_one_place.py checks the two agree)."""
+
     none = "none"
     tensorboard = "tensorboard"
     mlflow = "mlflow"

@@ -194,7 +194,7 @@ def test_the_floor_check_finds_an_upward_import() -> None:
 @pytest.mark.parametrize("registry, enum", [
     ("normsweep.norms:NORMS", "NormKind"), ("normsweep.models:MODELS", "Arch"),
     ("normsweep.run.optim:OPTIMIZERS", "OptimizerName"), ("normsweep.run.optim:SCHEDULERS", "SchedulerName"),
-    ("normsweep.data:DATASETS", "DataSource"),
+    ("normsweep.data:DATASETS", "DataSource"), ("normsweep.run.trackers:TRACKERS", "LoggerKind"),
 ])  # fmt: skip
 def test_each_choice_of_the_schema_is_its_registry(registry: str, enum: str) -> None:
     """The schema's allowed values are the registry's names, in its order: adding an entry adds the choice."""

@@ -19,7 +19,13 @@ from .conftest import make_cfg
 
 CPU = torch.device("cpu")
 # fp32 on every CPU: a bf16 draw (AVX512-BF16) would round packed and separate convolutions apart at 1e-3
-TINY = ("trainer.batch_size=25", "trainer.device=cpu", "trainer.progress=false", "trainer.bf16=false", "trainer.epochs=2")
+TINY = (
+    "trainer.batch_size=25",
+    "trainer.device=cpu",
+    "trainer.progress=false",
+    "trainer.bf16=false",
+    "trainer.epochs=2",
+)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from ``NORMS``. Adding a norm, a model family, a data source, an optimizer, a sc
 or a tracker is one :meth:`Registry.register` call (plus its ``conf/<group>/<name>.yaml``), never a
 new branch in the code that uses it. The registries: ``norms.NORMS``, ``models.MODELS``,
 ``data.DATASETS``, ``run.optim.OPTIMIZERS`` and ``SCHEDULERS``, ``run.compiling.COMPILE_MODES``,
-``search.pruners.PRUNERS``.
+``search.pruners.PRUNERS``, ``run.trackers.TRACKERS``.
 """
 
 from __future__ import annotations

@@ -30,14 +30,15 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from normsweep.base.credentials import redact, redact_logs
-from normsweep.base.registry import choice
+from normsweep.base.registry import Registry
 from normsweep.base.results import RESULTS_FILE, SUMMARY_FILE, TRAINING_STATE_FILE, EpochRecord, write_json
-from normsweep.config import LoggerConfig, LoggerKind, NormsweepError, dotted
+from normsweep.config import LoggerConfig, NormsweepError, dotted
 from normsweep.run.train import EpochStats
 
 log = logging.getLogger(__name__)
@@ -400,11 +401,14 @@ def _store_lock(uri: str):
     return FileLock(str(path) + ".normsweep-lock")
 
 
+# logger.kind -> (logger.* settings, the job directory) -> the tracker. The schema's LoggerKind lists the same
+# names (it sits below this module, whose trackers read the config); tests/test_one_place.py checks they agree.
+TRACKERS: Registry[Callable[[LoggerConfig, Path], Tracker]] = Registry("logger.kind")
+TRACKERS.register("none", lambda cfg, out: Tracker())
+TRACKERS.register("tensorboard", lambda cfg, out: TensorBoardTracker(tensorboard_dir(cfg, out), out))
+TRACKERS.register("mlflow", MLflowTracker)
+
+
 def make_tracker(cfg: LoggerConfig, out: Path) -> Tracker:
     """The tracker ``logger.kind`` names (not started)."""
-    kind = LoggerKind(choice(cfg.kind))
-    if kind == LoggerKind.tensorboard:
-        return TensorBoardTracker(tensorboard_dir(cfg, out), out)
-    if kind == LoggerKind.mlflow:
-        return MLflowTracker(cfg, out)
-    return Tracker()
+    return TRACKERS.entry(cfg.kind)(cfg, out)
