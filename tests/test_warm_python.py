@@ -159,3 +159,27 @@ def test_the_cold_fallback_reports_the_exit_status_through_poll_wait_and_communi
     proc = warm_python.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(4)"])
     assert proc.poll() is None
     assert proc.wait(timeout=60) == 4 and proc.returncode == 4 and proc.poll() == 4
+
+
+def test_a_server_that_stopped_accepting_is_replaced_and_the_command_runs(monkeypatch):
+    """Its socket left with nobody listening (ConnectionRefusedError), then gone (FileNotFoundError): each time the
+    next command gets a new server instead of failing, as every later test of a test process once did."""
+    import socket
+
+    env = {**os.environ, "OMP_NUM_THREADS": "3"}  # a server of this test's own, not the one other tests share
+    for fault in ("refused", "missing"):
+        assert warm_python.run([sys.executable, "-c", "pass"], env=env).returncode == 0
+        server = warm_python._get_server(env)
+        os.unlink(server.socket)
+        listener = None
+        if fault == "refused":
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(server.socket)  # bound, never listening
+        try:
+            proc = warm_python.run([sys.executable, "-c", "print('ran')"], env=env, capture_output=True, text=True)
+        finally:
+            if listener is not None:
+                listener.close()
+        assert (proc.returncode, proc.stdout) == (0, "ran\n"), fault
+        assert not server.alive() and warm_python._get_server(env) is not server
+    warm_python.stop_server(env)

@@ -266,6 +266,22 @@ def _stop_servers() -> None:
         server.stop()
 
 
+def _connect(environ: dict[str, str]) -> socket.socket:
+    """A connection to the server for ``environ``; a server that stopped accepting (seen once in a full suite
+    under load: ConnectionRefusedError for every later test of that test process) is replaced, once."""
+    for attempt in (1, 2):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(_get_server(environ).socket)
+            return conn
+        except (ConnectionRefusedError, FileNotFoundError):
+            conn.close()
+            if attempt == 2:
+                raise
+            stop_server(environ)
+    raise AssertionError("unreachable")
+
+
 def _warm_spec(cmd: Any, env: dict[str, str] | None, kwargs: dict) -> dict | None:
     """The request for a warm start of ``cmd``, or None where only a cold start is faithful."""
     if os.environ.get(COLD) == "1" or set(kwargs) - {"text", "universal_newlines", "encoding"}:
@@ -317,9 +333,8 @@ class Popen:
         fd_out = target(stdout, "stdout")
         fd_err = fd_out if stderr == subprocess.STDOUT else target(stderr, "stderr")
         message = json.dumps(spec).encode()
-        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._conn.connect(_get_server(spec["env"]).socket)
+            self._conn = _connect(spec["env"])
             socket.send_fds(self._conn, [_HEADER.pack(len(message))], [fd_in, fd_out, fd_err])
             self._conn.sendall(message)
         finally:
