@@ -8,6 +8,7 @@ report() { python -m normsweep.report --from-csv "$1" --out "$2" --correction "$
 
 report docs/batch_size_study/results.csv docs/batch_size_study
 report docs/new_norms_screen/confirmation/results.csv docs/new_norms_screen/confirmation
+report docs/any_model_20ep/results.csv docs/any_model_20ep
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for name in tuned_3seeds tuned_bs512_3seeds; do  # these two pages are named after their sweep: <name>_comparisons.md
