@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from normsweep.config import LrScaling, OptimizerConfig, SchedulerConfig, SchedulerName
+from normsweep.config import ConfigError, LrScaling, OptimizerConfig, SchedulerConfig, SchedulerName
 from normsweep.data import load_raw, make_splits
 from normsweep.run.build import model_from_config
 from normsweep.run.train import NonFiniteLossError, lr_factor, peak_lr, predict, train
@@ -72,6 +72,10 @@ def test_drop_last_gives_every_step_one_shape_and_the_schedule_counts_those_step
     assert images_per_epoch(100, 30) == 100 and images_per_epoch(100, 30, drop_last=True) == 90
     assert images_per_epoch(91, 30) == 90  # a last batch of one image is always left out (BatchNorm)
     assert images_per_epoch(90, 30, drop_last=True) == 90
+    with pytest.raises(ConfigError, match="trainer.drop_last=true leaves out all 20 training images at trainer.batch"):
+        images_per_epoch(20, 30, drop_last=True)
+    with pytest.raises(ConfigError, match="1 training image.s. are too few"):
+        images_per_epoch(1, 30)
     cfg = make_cfg("trainer.batch_size=30", *TINY[1:])
     x, y = splits.train.x, splits.train.y
     sizes = {drop: [len(yb) for _, yb in batches(x, y, 30, cfg.augment, torch.Generator().manual_seed(0),

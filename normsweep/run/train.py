@@ -23,7 +23,15 @@ from tqdm import tqdm
 from normsweep.base.registry import choice
 from normsweep.base.results import EpochRecord
 from normsweep.base.runtime import autocast, use_bf16
-from normsweep.config import AugmentConfig, Config, NormsweepError, OptimizerConfig, SchedulerConfig, TrainerConfig
+from normsweep.config import (
+    AugmentConfig,
+    Config,
+    ConfigError,
+    NormsweepError,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainerConfig,
+)
 from normsweep.data import DataInfo, Split, Splits
 from normsweep.run.augment import augment_batch, normalize, to_float
 from normsweep.run.compiling import COMPILE_MODES
@@ -117,10 +125,16 @@ def train_step_loss(
 def images_per_epoch(n_images: int, batch_size: int, drop_last: bool = False) -> int:
     """The training images an epoch uses: all of them, except that the last, partial batch is left out
     with ``drop_last`` (``trainer.drop_last``: every step one shape), and a last batch of one image
-    always (BatchNorm cannot train on a single sample)."""
-    if drop_last:
-        return n_images - n_images % batch_size
-    return n_images - 1 if n_images % batch_size == 1 else n_images
+    always (BatchNorm cannot train on a single sample). None left is a ConfigError naming the keys."""
+    n = n_images - n_images % batch_size if drop_last else n_images - 1 if n_images % batch_size == 1 else n_images
+    if n == 0:
+        why = f"trainer.drop_last=true leaves out all {n_images} training images at trainer.batch_size={batch_size}"
+        raise ConfigError(
+            f"{why}: lower trainer.batch_size or set trainer.drop_last=false"
+            if drop_last
+            else f"{n_images} training image(s) are too few to train on: use more (data.train_size, data.val_size)"
+        )
+    return n
 
 
 def batches(
