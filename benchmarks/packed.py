@@ -107,12 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import pandas as pd
 
-    df = pd.DataFrame([row for norm in a.norms for row in measure(norm, a.seeds, a)])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"packed-{socket.gethostname()}"
-    df.to_csv(stem.with_suffix(".csv"), index=False)
-    stem.with_suffix(".md").write_text(f"`{' '.join(sys.argv)}`\n\n" + df.to_markdown(index=False) + "\n")
+    rows: list[dict] = []
+    for norm in a.norms:  # the tables rewritten after each norm: a run stopped at a deadline keeps what it measured
+        rows += measure(norm, a.seeds, a)
+        df = pd.DataFrame(rows)
+        df.to_csv(stem.with_suffix(".csv"), index=False)
+        stem.with_suffix(".md").write_text(f"`{' '.join(sys.argv)}`\n\n" + df.to_markdown(index=False) + "\n")
     print(f"wrote {stem.with_suffix('.md')}")
     return 0
 

@@ -22,6 +22,7 @@ from normsweep.base.errors import ConfigError, NormsweepError  # noqa: F401 - th
 from normsweep.base.registry import choice
 from normsweep.data import DATASETS
 from normsweep.models import MODELS
+from normsweep.models.swap import GROUP_RULES
 from normsweep.norms import NORMS
 from normsweep.run.compiling import COMPILE_MODES, TORCH_MODE_NAMES
 from normsweep.run.optim import OPTIMIZERS, SCHEDULERS
@@ -116,7 +117,7 @@ class ModelConfig:
         if any(d < 0 for d in self.depths):
             _fail("model.depths", self.depths, "non-negative depths")
         arch, family = choice(self.arch), MODELS.entry(self.arch)
-        if self.group_rule not in (None, "divisor", "exact"):
+        if self.group_rule is not None and self.group_rule not in GROUP_RULES:
             _fail("model.group_rule", self.group_rule, "divisor (the largest divisor of a layer's channels up to "
                   "norm.groups) or exact (norm.groups must divide every layer's channels)")  # fmt: skip
         for key, unset in (("name", None), ("target", None), ("kwargs", {}), ("small_input_stem", None),

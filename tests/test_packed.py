@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -89,7 +88,8 @@ def test_packed_seeds_without_dropout_train_as_their_separate_runs(splits, norm:
     assert not torch.equal(next(m0.parameters()), next(m1.parameters()))
 
 
-def test_packed_seeds_with_dropout_learn_and_each_draws_its_own_masks(splits) -> None:
+def test_packed_seeds_with_dropout_learn(splits) -> None:
+    """Dropout under vmap (nn.Dropout's mask, not normsweep's CPU one: see the next test) trains."""
     cfg = make_cfg("model.dropout=0.2", "optimizer.lr=0.05", "augment=none", *TINY[:-1], "trainer.epochs=4")
     (m0, h0), (m1, h1) = train_packed(cfg, [0, 1], splits, CPU)
     for h in (h0, h1):
@@ -114,4 +114,3 @@ def test_packing_leaves_the_models_dropout_of_a_separate_run_as_it_was(splits) -
     ((model, _),) = train_packed(cfg, [0], splits, CPU)
     drops = [m for m in model.modules() if isinstance(m, Dropout)]
     assert drops and all(m.cheap_cpu_mask for m in drops)
-    assert copy.deepcopy(drops[0]).cheap_cpu_mask

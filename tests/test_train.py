@@ -82,15 +82,21 @@ def test_drop_last_gives_every_step_one_shape_and_the_schedule_counts_those_step
                                                  info=splits.info, drop_last=drop)]
              for drop in (False, True)}  # fmt: skip
     assert sizes == {False: [30, 30, 30, 10], True: [30, 30, 30]}
-    schedule = []
+    schedule, losses = [], []
     for drop in ("false", "true"):
         cfg = make_cfg("trainer.epochs=2", "trainer.batch_size=30", f"trainer.drop_last={drop}",
                        "scheduler=onecycle", *TINY[1:])  # fmt: skip
         torch.manual_seed(0)
-        history = train(model_from_config(cfg), cfg, splits, torch.device("cpu"))
+        model = model_from_config(cfg)
+        steps = []
+        model.register_forward_pre_hook(lambda m, args, seen=steps: seen.append(len(args[0])) if m.training else None)
+        history = train(model, cfg, splits, torch.device("cpu"))
         schedule.append(history[0].lr)
+        losses.append([h.train_loss for h in history])
+        assert steps == sizes[drop == "true"] * 2, drop  # the batches the model trained on, both epochs
     # one-cycle over 8 steps, 4 of them done, vs over 6 steps, 3 done: the same point of the cycle
     assert schedule[0] == pytest.approx(schedule[1])
+    assert losses[0] != losses[1]  # other batches, other numbers
 
 
 @pytest.mark.slow

@@ -129,14 +129,18 @@ def _feeding_conv(leaves: list[nn.Module], norm: nn.Module, channels: int, norms
     return None
 
 
+GROUP_RULES = ("divisor", "exact")  # model.group_rule: the largest divisor <= groups, or groups must divide
+
+
 def swap_norms(model: nn.Module, kind: str, groups: int = 4, group_rule: str = "divisor", ws: bool = False,
                act: str = "keep", **options) -> SwapReport:  # fmt: skip
     """Replace every feature-map norm of ``model`` with a ``kind`` norm of ``NORMS``, in place (the rules: this
     module's docstring). ``groups``: for GroupNorm and EvoNorm-S0; ``options``: the norm's own keys, as in
     ``conf/norm/<kind>.yaml`` (``eps`` for frn). Raises ConfigError, leaving the model unchanged, where a rule
     refuses."""
-    if group_rule not in ("divisor", "exact") or act not in ("keep", "replace"):
-        raise ConfigError(f"group_rule={group_rule!r}, act={act!r}: expected 'divisor' or 'exact', 'keep' or 'replace'")
+    if group_rule not in GROUP_RULES or act not in ("keep", "replace"):
+        raise ConfigError(f"group_rule={group_rule!r}, act={act!r}: expected one of {GROUP_RULES}, 'keep' or 'replace'"
+                          )  # fmt: skip
     entry, make = NORMS.entry(kind), norm_layer(kind, groups, **options)  # unknown kind or options: ConfigError
     swappable, sites = _swappable(), []
     if isinstance(model, swappable):

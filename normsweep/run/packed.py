@@ -17,9 +17,10 @@ The same as K separate runs with ``trainer.seed`` = each seed (tests/test_packed
 - BatchNorm's running statistics (the buffers are stacked too).
 
 What differs: the dropout masks (drawn for all models at once, from the torch generator seeded with the first
-seed), and the rounding of the batched convolutions. Without dropout the numbers agree with separate runs to
-rounding, and later (rounding grows over many steps) as closely as reruns on another machine do; with dropout
-each model is a fair draw of its seed, not the same draw.
+seed), and the rounding of the batched convolutions. Without dropout the first steps agree with separate runs to
+rounding; over many steps the rounding grows, as it does between separate runs on another thread count (BN at its
+recipe on the CPU: tenfold a step early on; docs/speed.md has the measurement); with dropout each model is a fair
+draw of its seed, not the same draw.
 
 Not packed (refused): ``trainer.ema_decay`` and ``trainer.compile``. ``trainer.channels_last`` does not apply
 (vmap folds the models into the convolutions' batch). Models whose layers ``vmap`` cannot map (in-place
