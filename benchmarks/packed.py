@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,16 +42,15 @@ def config(overrides: list[str]):
 
 def measure(norm: str, seeds: list[int], a: argparse.Namespace) -> list[dict]:
     from normsweep.base.runtime import resolve_device
-    from normsweep.data import Split, Splits, load_raw, make_splits
+    from normsweep.data import Split, Splits
     from normsweep.run.build import model_from_config
+    from normsweep.run.job import load_splits
     from normsweep.run.packed import train_packed
     from normsweep.run.train import images_per_epoch, train
 
     cfg = config([f"norm={norm}", f"trainer.epochs={a.epochs}", "trainer.progress=false", *a.overrides])
     device = resolve_device(a.device)
-    d = cfg.data
-    splits = make_splits(load_raw(a.data_root, cache_dir=d.cache_dir), val_size=d.val_size, train_size=d.train_size,
-                         test_size=d.test_size, split_seed=d.split_seed)  # fmt: skip
+    splits = load_splits(cfg.data, str(Path(a.data_root).resolve()))  # every data.* key, as a run reads them
     images = (
         images_per_epoch(len(splits.train.y), cfg.trainer.batch_size, cfg.trainer.drop_last) * a.epochs * len(seeds)
     )
@@ -67,15 +67,14 @@ def measure(norm: str, seeds: list[int], a: argparse.Namespace) -> list[dict]:
     def separate(data: Splits, epochs: int):
         finals = []
         for seed in seeds:
-            run_cfg = config([f"norm={norm}", f"trainer.epochs={epochs}", "trainer.progress=false",
-                              f"trainer.seed={seed}", *a.overrides])  # fmt: skip
+            run_cfg = replace(cfg, trainer=replace(cfg.trainer, epochs=epochs, seed=seed))
             torch.manual_seed(seed)
             model = model_from_config(run_cfg, data.info.num_classes, data.info.image_size)
             finals.append(train(model, run_cfg, data, device)[-1].test_acc)
         return finals
 
     def packed(data: Splits, epochs: int):
-        run_cfg = config([f"norm={norm}", f"trainer.epochs={epochs}", "trainer.progress=false", *a.overrides])
+        run_cfg = replace(cfg, trainer=replace(cfg.trainer, epochs=epochs))
         return [h[-1].test_acc for _, h in train_packed(run_cfg, seeds, data, device)]
 
     # Warm-up: each mode's first kernels (cuDNN's algorithm search, the allocator's first blocks) on two batches.

@@ -74,6 +74,14 @@ def folder_data(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def splits(folder_data: Path, cache_dir: Path):
+    """The folder dataset's splits: 100 training, 20 validation and 40 test images of 10 classes."""
+    from normsweep.data import load_raw, make_splits
+
+    return make_splits(load_raw(folder_data, cache_dir=cache_dir), val_size=20)
+
+
+@pytest.fixture
 def pickle_data(tmp_path: Path) -> Path:
     return write_pickle_dataset(tmp_path / "cifar_pickle")
 

@@ -77,10 +77,6 @@ def norms_in(model: nn.Module) -> int:
     return sum(isinstance(m, _swappable()) for m in model.modules())
 
 
-def head_classes(model: nn.Module) -> int:
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1].out_features
-
-
 # ------------------------------------------------------------------ every classifier of torchvision
 
 

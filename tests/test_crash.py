@@ -98,7 +98,7 @@ def check_every_file_is_readable(run_dirs: list[Path], cache: Path) -> None:
             np.load(d / results.PREDICTIONS_FILE)
     for f in cache.glob("cifar10-*.pt"):
         fingerprint = f.stem.split("-", 2)[2]
-        assert data._read_cache(f, fingerprint) is not None, f"{f} is torn"
+        assert data.read_cache(f, fingerprint) is not None, f"{f} is torn"
 
 
 def assert_same_run(crashed: Path, reference: Path) -> None:

@@ -11,7 +11,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from normsweep.config import SearchConfig
-from normsweep.data import load_raw, make_splits
 from normsweep.models import WSConv2d, build_model, count_params
 from normsweep.run.build import model_from_config
 from normsweep.run.train import WeightEMA, accuracy, predict, prepare_eval, train
@@ -85,11 +84,6 @@ def test_ema_update_is_a_warmed_up_moving_average_and_copies_integer_buffers() -
             assert torch.equal(got, live[key]), key
     ema.updates = 10_000
     assert ema.current_decay() == 0.9
-
-
-@pytest.fixture
-def splits(folder_data: Path, cache_dir: Path):
-    return make_splits(load_raw(folder_data, cache_dir=cache_dir), val_size=20)
 
 
 def test_with_ema_the_evaluated_and_returned_model_is_the_average(splits) -> None:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from normsweep.base.errors import ConfigError
-from normsweep.data import load_raw, make_splits
 from normsweep.run.build import model_from_config
 from normsweep.run.optim import OPTIMIZERS
 from normsweep.run.packed import train_packed
@@ -25,11 +22,6 @@ TINY = (
     "trainer.bf16=false",
     "trainer.epochs=2",
 )
-
-
-@pytest.fixture
-def splits(folder_data: Path, cache_dir: Path):
-    return make_splits(load_raw(folder_data, cache_dir=cache_dir), val_size=20)
 
 
 def separate_run(cfg_args: tuple[str, ...], seed: int, splits):

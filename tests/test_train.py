@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from normsweep.config import ConfigError, LrScaling, OptimizerConfig, SchedulerConfig, SchedulerName
-from normsweep.data import load_raw, make_splits
 from normsweep.run.build import model_from_config
 from normsweep.run.train import NonFiniteLossError, lr_factor, peak_lr, predict, train
 
@@ -32,11 +30,6 @@ def test_cosine_and_constant_schedules() -> None:
     assert lr_factor(cos, 50, 100) == pytest.approx(0.5)
     assert lr_factor(cos, 100, 100) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(SchedulerConfig(name=SchedulerName.none), 37, 100) == 1.0
-
-
-@pytest.fixture
-def splits(folder_data: Path, cache_dir: Path):
-    return make_splits(load_raw(folder_data, cache_dir=cache_dir), val_size=20)
 
 
 TINY = ("trainer.batch_size=25", "trainer.device=cpu", "trainer.progress=false")

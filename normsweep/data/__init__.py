@@ -77,10 +77,6 @@ def source_fingerprint(root: str | Path, fmt: str) -> str:
     return fingerprint([root / PICKLE_DIR if fmt == "pickle" else root], f"cifar10:{fmt}:{root.resolve()}")
 
 
-_read_cache = read_cache  # the names of normsweep <= 0.1
-_write_cache = write_cache
-
-
 def load_raw(
     root: str | Path,
     fmt: str = "auto",
@@ -105,7 +101,7 @@ def load_raw(
     prepared = src.prepare(req)
     check_memory(name, root, prepared.nbytes, max_memory_gb, SMALLER.get(name, "use a smaller dataset"))
     key = f"{name}:{prepared.variant}:{root.resolve()}"
-    fp = source_fingerprint(root, prepared.variant) if name == "cifar10" else fingerprint(prepared.files, key)
+    fp = fingerprint(prepared.files, key)  # for CIFAR-10 the same as source_fingerprint(root, variant)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     cache_file = cache / f"{name}-{prepared.variant}-{fp}.pt"
     seen = stat(cache_file)

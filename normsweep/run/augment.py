@@ -133,9 +133,12 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255)
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
     """Standardize with the data's per-channel ``mean`` and ``std`` (``DataInfo``: CIFAR-10's published
-    constants, or computed from the training images)."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    constants, or computed from the training images). Per batch, pass them as tensors on ``x``'s device
+    (:func:`~normsweep.run.train.batches` does): from Python floats each call copies them to the device."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s

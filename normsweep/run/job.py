@@ -35,7 +35,7 @@ from normsweep.base import credentials, results
 from normsweep.base.results import RunRecord
 from normsweep.base.runtime import job_threads, keep_freed_memory, peak_memory_mb, resolve_device, use_bf16
 from normsweep.base.signals import sigterm_interrupts, stop_reason, stopping_uninterrupted
-from normsweep.config import Config, ConfigError, NormsweepError, to_config
+from normsweep.config import Config, ConfigError, DataConfig, NormsweepError, to_config
 from normsweep.data import DataInfo, Splits, load_raw, make_splits
 from normsweep.models import count_params
 from normsweep.run import recipes, trackers, trial_hook
@@ -251,15 +251,20 @@ def _use_machine(cfg: Config, record: RunRecord) -> tuple[torch.device, bool]:
     return device, record.bf16
 
 
+def load_splits(d: DataConfig, root: str) -> Splits:
+    """The training, validation and test splits ``data.*`` asks for, read from ``root`` (``data.root``, absolute)."""
+    raw = load_raw(
+        root, d.format.value, d.download, d.cache_dir and to_absolute_path(d.cache_dir),
+        source=d.source.value, labels=d.labels, extra=d.extra, image_size=d.image_size, max_memory_gb=d.max_memory_gb,
+    )  # fmt: skip
+    return make_splits(raw, d.val_size, d.train_size, d.test_size, d.split_seed)  # the raw set is freed on return
+
+
 def _load_data(cfg: Config, record: RunRecord) -> Splits:
     """The splits ``data.*`` asks for; the data's facts (name, class count, image size, classes) recorded."""
     d = cfg.data
     record.data_root = to_absolute_path(d.root)
-    raw = load_raw(
-        record.data_root, d.format.value, d.download, d.cache_dir and to_absolute_path(d.cache_dir),
-        source=d.source.value, labels=d.labels, extra=d.extra, image_size=d.image_size, max_memory_gb=d.max_memory_gb,
-    )  # fmt: skip
-    splits = make_splits(raw, d.val_size, d.train_size, d.test_size, d.split_seed)
+    splits = load_splits(d, record.data_root)
     info = splits.info  # the data's facts: the model's head and input size, the normalization, results.json
     record.dataset, record.num_classes, record.image_size = info.name, info.num_classes, info.image_size
     record.classes = list(splits.classes)
@@ -268,7 +273,7 @@ def _load_data(cfg: Config, record: RunRecord) -> Splits:
             f"trainer.batch_size={cfg.trainer.batch_size} is larger than the {len(splits.train)} training images "
             f"(data.train_size={d.train_size}, data.val_size={d.val_size}); lower trainer.batch_size or use more data"
         )
-    return splits  # the raw set is freed on return: the splits hold copies
+    return splits
 
 
 def _build_model(cfg: Config, info: DataInfo, out: Path, record: RunRecord) -> torch.nn.Module:

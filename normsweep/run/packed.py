@@ -35,7 +35,6 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -51,11 +50,11 @@ from normsweep.run.train import (
     accuracy,
     batches,
     images_per_epoch,
-    lr_factor,
-    make_optimizer,
+    optimizer_and_schedule,
     peak_lr,
     predict,
     prepare_eval,
+    train_step_loss,
 )
 
 
@@ -104,17 +103,14 @@ def train_packed(
     train_x, train_y = splits.train.x.to(device), splits.train.y.to(device)
     val, test = prepare_eval(splits.val, device, info), prepare_eval(splits.test, device, info)
     n = images_per_epoch(len(train_y), tc.batch_size, tc.drop_last)
-    total_steps = len(range(0, n, tc.batch_size)) * tc.epochs
     peak = peak_lr(cfg.optimizer, tc.batch_size)
-    opt = make_optimizer(list(params.values()), cfg.optimizer, peak)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.scheduler, s, total_steps))
+    opt, sched = optimizer_and_schedule(list(params.values()), cfg, peak, len(range(0, n, tc.batch_size)) * tc.epochs)
     gens = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     torch.manual_seed(seeds[0])  # the dropout masks of all members
     bf16 = use_bf16(tc.bf16, device)
 
     def member_loss(p: dict, b: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = functional_call(skeleton, (p, b), (x,))
-        return F.cross_entropy(logits, y, label_smoothing=tc.label_smoothing), logits
+        return train_step_loss(lambda inputs: functional_call(skeleton, (p, b), (inputs,)), x, y, tc.label_smoothing)
 
     step_all = vmap(member_loss, randomness="different")
     histories: list[list[EpochStats]] = [[] for _ in seeds]

@@ -74,6 +74,15 @@ def lr_factor(cfg: SchedulerConfig, step: int, total_steps: int) -> float:
     return SCHEDULERS.entry(cfg.name)(cfg, step / max(total_steps, 1))
 
 
+def optimizer_and_schedule(
+    params, cfg: Config, peak: float, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer ``optimizer.*`` names at peak learning rate ``peak``, and the ``scheduler.*`` schedule
+    over ``total_steps`` steps (stepped once per training step)."""
+    opt = make_optimizer(params, cfg.optimizer, peak)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.scheduler, s, total_steps))
+
+
 def prepare_eval(split: Split, device: torch.device, info: DataInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized float images (with the data's mean and std, ``info``) and labels on ``device``, converted once
     for all epochs."""
@@ -126,14 +135,14 @@ def images_per_epoch(n_images: int, batch_size: int, drop_last: bool = False) ->
     """The training images an epoch uses: all of them, except that the last, partial batch is left out
     with ``drop_last`` (``trainer.drop_last``: every step one shape), and a last batch of one image
     always (BatchNorm cannot train on a single sample). None left is a ConfigError naming the keys."""
-    n = n_images - n_images % batch_size if drop_last else n_images - 1 if n_images % batch_size == 1 else n_images
+    last = n_images % batch_size  # the last batch's size (0: every batch full)
+    n = n_images - (last if drop_last or last == 1 else 0)
+    if n == 0 and drop_last:
+        raise ConfigError(f"trainer.drop_last=true leaves out all {n_images} training images at "
+                          f"trainer.batch_size={batch_size}: lower trainer.batch_size or set trainer.drop_last=false")  # fmt: skip
     if n == 0:
-        why = f"trainer.drop_last=true leaves out all {n_images} training images at trainer.batch_size={batch_size}"
-        raise ConfigError(
-            f"{why}: lower trainer.batch_size or set trainer.drop_last=false"
-            if drop_last
-            else f"{n_images} training image(s) are too few to train on: use more (data.train_size, data.val_size)"
-        )
+        raise ConfigError(f"{n_images} training image(s) are too few to train on: use more (data.train_size, "
+                          "data.val_size)")  # fmt: skip
     return n
 
 
@@ -157,9 +166,10 @@ def batches(
     """
     n = images_per_epoch(len(y), batch_size, drop_last)
     perm = torch.randperm(len(y), generator=gen, device=y.device)[:n]
+    mean, std = (torch.tensor(v, device=x.device) for v in (info.mean, info.std))  # once, not per batch
     for i in range(0, n, batch_size):
         idx = perm[i : i + batch_size]
-        xb = normalize(augment_batch(to_float(x[idx]), augment, gen), info.mean, info.std)
+        xb = normalize(augment_batch(to_float(x[idx]), augment, gen), mean, std)
         yield xb.contiguous(memory_format=memory_format), y[idx]
 
 
@@ -273,13 +283,11 @@ def start_training(model: nn.Module, cfg: Config, splits: Splits, device: torch.
     val, test = prepare_eval(splits.val, device, splits.info), prepare_eval(splits.test, device, splits.info)
     n = images_per_epoch(len(train_data[1]), tc.batch_size, tc.drop_last)
     steps_per_epoch = len(range(0, n, tc.batch_size))
-    total_steps = steps_per_epoch * tc.epochs
     peak = peak_lr(cfg.optimizer, tc.batch_size)
     if peak != cfg.optimizer.lr:
         log.info("peak learning rate %.4g: optimizer.lr=%g scaled to batch %d (optimizer.lr_scaling=linear)",
                  peak, cfg.optimizer.lr, tc.batch_size)  # fmt: skip
-    opt = make_optimizer(model.parameters(), cfg.optimizer, peak)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.scheduler, s, total_steps))
+    opt, sched = optimizer_and_schedule(model.parameters(), cfg, peak, steps_per_epoch * tc.epochs)
     gen = torch.Generator(device=device).manual_seed(tc.seed)
     # The compiled module shares its parameters with ``model``; evaluation and checkpoints use ``model``.
     mode = COMPILE_MODES.entry(tc.compile) if tc.compile else None
